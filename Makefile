@@ -1,0 +1,41 @@
+# Every target creates the virtualenv when it is missing, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+RUN_DIR ?= $(CURDIR)/run
+ENDPOINT ?= unix://$(RUN_DIR)/csi.sock
+METRICS_ADDRESS ?= 127.0.0.1:9402
+
+.PHONY: venv run test lint proto bench demo image clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p $(RUN_DIR)
+	$(BIN)/cert-agent serve --standalone \
+		--endpoint $(ENDPOINT) \
+		--data-root $(RUN_DIR)/data \
+		--node-id $$(hostname) \
+		--metrics-address $(METRICS_ADDRESS)
+
+test: $(STAMP)
+	$(BIN)/pytest -q -rs
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+proto: $(STAMP)
+	PYTHON=$(BIN)/python proto/generate.sh
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""csi-cert-agent: a CSI node plugin that gives every pod its own TLS key and certificate."""
+
+__version__ = "0.1.0"
+
+# The agent's own issuer group: volumes naming it (or no issuer at all) are signed by the local CA.
+AGENT_ISSUER_GROUP = "cert-agent.io"
+DEFAULT_DRIVER_NAME = "csi.cert-agent.io"

@@ -1,0 +1,69 @@
+"""The issuer interface every signing backend implements."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+
+from agent.spec import CertificateSpec, PodInfo
+
+
+@dataclass(frozen=True)
+class IssueRequest:
+    """What the agent asks an issuer to sign. Only the CSR leaves the node, never the key."""
+
+    volume_id: str
+    node_id: str
+    pod: PodInfo
+    spec: CertificateSpec
+    csr_pem: bytes
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A signed certificate: ``chain_pem`` is the leaf then any intermediates, ``ca_pem`` the CA(s)."""
+
+    chain_pem: bytes
+    ca_pem: bytes
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificates(self.chain_pem)[0]
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.leaf.not_valid_before_utc
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.leaf.serial_number, "x")
+
+
+class Issuer(Protocol):
+    """A signing backend. Implementations are thread-safe: publishes and renewals call concurrently.
+
+    ``issue`` blocks until the certificate exists, the issuer refuses, or ``timeout_seconds`` pass.
+    It raises ``agent.errors.AgentError`` subclasses: ``InvalidArgument`` for a request the issuer's
+    policy forbids (duration over its maximum, is-ca not allowed, namespace not allowed),
+    ``PermissionDenied`` for a denial, ``DeadlineExceeded`` for a timeout (work in flight is kept so
+    a retry can pick it up), ``Unavailable`` for an unreachable dependency, ``IssuanceFailed``
+    otherwise.
+    """
+
+    @property
+    def name(self) -> str:
+        """A stable label for metrics and logs (``local`` or ``ClusterIssuer/x.cert-manager.io``)."""
+        ...
+
+    def issue(self, request: IssueRequest, timeout_seconds: float) -> IssuedCertificate: ...
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the issuer can sign now, and a short human reason when it cannot."""
+        ...
