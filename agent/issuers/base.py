@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography import x509
@@ -20,6 +20,9 @@ class IssueRequest:
     pod: PodInfo
     spec: CertificateSpec
     csr_pem: bytes
+    # A token of the pod's service account (CSIDriver tokenRequests), so cert-manager can create
+    # the request as that account. Held in memory only, never written to the metadata.
+    service_account_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
