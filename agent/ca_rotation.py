@@ -1,0 +1,54 @@
+"""CA rotation from a watched Secret: reissue every volume, then retire the old CA.
+
+While a change is in flight every volume's ca.crt carries both the old and the new CA (the
+provider's trust bundle), so pods holding old and new certificates keep trusting each other.
+Once every volume holds a certificate issued after the change, the old CA is retired.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from agent.secret_ca import SecretCAProvider
+
+log = logging.getLogger(__name__)
+
+
+class SecretCARotation:
+    def __init__(
+        self, api: Any, namespace: str, name: str, *, reissue_all: Callable[[], None]
+    ) -> None:
+        self._reissue_all = reissue_all
+        self._lock = threading.Lock()
+        self.changed_at: float | None = None
+        self.provider = SecretCAProvider(api, namespace, name, on_change=self._on_change)
+
+    def start(self) -> None:
+        self.provider.start()
+
+    def stop(self) -> None:
+        self.provider.stop()
+
+    def _on_change(self) -> None:
+        with self._lock:
+            self.changed_at = time.time()
+        log.info("CA secret changed: reissuing every volume's certificate")
+        self._reissue_all()
+
+    def note_issued(self, not_befores: Iterable[float | None]) -> None:
+        """Called after each commit with every volume's not_before; retires the old CA when done."""
+        with self._lock:
+            changed_at = self.changed_at
+            if changed_at is None:
+                return
+            # Certificates start "now" at whole-second precision; allow that much slack.
+            if all(nb is not None and nb >= changed_at - 1 for nb in not_befores):
+                self.changed_at = None
+            else:
+                return
+        self.provider.retire_previous()
+        log.info("every volume holds a certificate from the new CA; old CA retired")

@@ -1,0 +1,147 @@
+"""``cert-agent``: serve the CSI socket, or act as kubelet against a running agent."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from agent import __version__
+from agent.config import DEFAULT_ENDPOINT, ConfigError, add_serve_arguments, resolve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cert-agent",
+        description="A CSI node plugin that gives every pod its own TLS key and certificate.",
+    )
+    parser.add_argument("--version", action="version", version=f"cert-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the agent (the DaemonSet's entrypoint)")
+    add_serve_arguments(serve)
+
+    endpoint_help = "the agent's CSI endpoint [env CERT_AGENT_ENDPOINT]"
+    default_endpoint = os.environ.get("CERT_AGENT_ENDPOINT", DEFAULT_ENDPOINT)
+
+    publish = commands.add_parser(
+        "publish", help="mount a certificate volume into a directory, as kubelet would"
+    )
+    publish.add_argument("--endpoint", default=default_endpoint, help=endpoint_help)
+    publish.add_argument("--target", required=True, help="directory to publish the volume at")
+    publish.add_argument("--pod-name", default="standalone")
+    publish.add_argument("--pod-namespace", default="default")
+    publish.add_argument("--pod-uid", default="", help="default: a random UUID")
+    publish.add_argument("--service-account", default="default")
+    publish.add_argument("--volume-id", help="default: kubelet's csi-<sha256> id for the target")
+    publish.add_argument("--fs-group", type=int, help="the pod's fsGroup (volume_mount_group)")
+    publish.add_argument(
+        "--attr",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a volume attribute; keys without a prefix get csi.cert-agent.io/",
+    )
+
+    unpublish = commands.add_parser("unpublish", help="unmount and remove a published volume")
+    unpublish.add_argument("--endpoint", default=default_endpoint, help=endpoint_help)
+    unpublish.add_argument("--target", required=True)
+    unpublish.add_argument("--volume-id", help="default: the id `publish` derived for the target")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "publish":
+        return _publish(args)
+    return _unpublish(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from agent.logs import configure_logging
+
+    try:
+        config = resolve(args)
+        configure_logging(config.log_level, config.log_format)
+    except (ConfigError, ValueError) as exc:
+        print(f"cert-agent: {exc}", file=sys.stderr)
+        return 2
+    from agent.server import serve
+
+    return serve(config)
+
+
+def _target(args: argparse.Namespace) -> Path:
+    return Path(os.path.abspath(args.target))
+
+
+def _default_volume_id(target: Path) -> str:
+    from agent.client import kubelet_volume_id
+
+    return kubelet_volume_id(str(target.parent), target.name)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from agent.client import CSIClient, PodIdentity, pod_volume_context, publish_request
+
+    attributes: dict[str, str] = {}
+    for item in args.attr:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"cert-agent: --attr {item!r} must be KEY=VALUE", file=sys.stderr)
+            return 2
+        attributes[key if "/" in key else f"csi.cert-agent.io/{key}"] = value
+    target = _target(args)
+    target.parent.mkdir(parents=True, exist_ok=True)  # kubelet creates the parent, not target
+    pod = PodIdentity(
+        args.pod_name, args.pod_namespace, args.pod_uid, args.service_account
+    ).with_uid()
+    volume_id = args.volume_id or _default_volume_id(target)
+    request = publish_request(
+        volume_id=volume_id,
+        target_path=str(target),
+        volume_context=pod_volume_context(pod, attributes),
+        fs_group=args.fs_group,
+    )
+    with CSIClient(args.endpoint) as client:
+        try:
+            client.publish(request)
+        except grpc.RpcError as exc:
+            return _rpc_failed("publish", exc)
+    print(f"published volume {volume_id} at {target}")
+    for entry in sorted(os.listdir(target)):
+        if not entry.startswith(".."):
+            print(f"  {target / entry}")
+    return 0
+
+
+def _unpublish(args: argparse.Namespace) -> int:
+    from agent.client import CSIClient
+
+    target = _target(args)
+    volume_id = args.volume_id or _default_volume_id(target)
+    with CSIClient(args.endpoint) as client:
+        try:
+            client.unpublish(volume_id, str(target))
+        except grpc.RpcError as exc:
+            return _rpc_failed("unpublish", exc)
+    print(f"unpublished volume {volume_id} from {target}")
+    return 0
+
+
+def _rpc_failed(what: str, exc: grpc.RpcError) -> int:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    print(f"cert-agent: {what} failed: {name}: {details}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+"""The agent's configuration: flags, environment variables and a YAML file, in that precedence.
+
+Every ``serve`` flag ``--some-flag`` is also read from ``CERT_AGENT_SOME_FLAG`` and from the key
+``some-flag`` (or ``some_flag``) of the ``--config`` file, so a DaemonSet can set the node id from
+the downward API and keep everything else in a ConfigMap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent import DEFAULT_DRIVER_NAME
+
+ENV_PREFIX = "CERT_AGENT_"
+DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
+DEFAULT_METRICS_ADDRESS = ":9402"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    flag: str  # without the leading dashes
+    help: str
+    default: Any = None
+    kind: str = "str"  # str | bool | int | float | duration | list
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("endpoint", "CSI endpoint, unix:///path/to/csi.sock", DEFAULT_ENDPOINT),
+    Setting("node-id", "this node's id, as kubelet knows it (in a cluster: spec.nodeName)"),
+    Setting("driver-name", "CSI driver name, as in the CSIDriver object", DEFAULT_DRIVER_NAME),
+    Setting(
+        "data-root",
+        "state directory; volume payloads live on a tmpfs under it "
+        "(default /var/lib/kubelet/plugins/<driver-name>/data)",
+    ),
+    Setting("metrics-address", "host:port for /metrics, /healthz, /readyz", DEFAULT_METRICS_ADDRESS),
+    Setting("ca-cert-file", "PEM file of the local CA certificate (with --ca-key-file)"),
+    Setting("ca-key-file", "PEM file of the local CA private key (with --ca-cert-file)"),
+    Setting("ca-dir", "directory holding ca.crt and ca.key, such as a mounted Secret"),
+    Setting("ca-secret", "NAMESPACE/NAME of a Secret with ca.crt and ca.key, watched for changes"),
+    Setting("max-duration", "longest certificate lifetime the local CA signs", "2160h", "duration"),
+    Setting("allow-ca", "let volumes ask the local CA for CA certificates (is-ca)", False, "bool"),
+    Setting(
+        "allowed-namespaces",
+        "comma-separated namespaces that may use the local CA (default: all)",
+        None,
+        "list",
+    ),
+    Setting(
+        "standalone",
+        "run without Kubernetes: self-signed local CA under the data root",
+        False,
+        "bool",
+    ),
+    Setting("kubeconfig", "kubeconfig file (default: in-cluster configuration)"),
+    Setting("kube-qps", "client-side rate limit for Kubernetes API requests", 20.0, "float"),
+    Setting("kube-burst", "burst for the Kubernetes API rate limit", 40, "int"),
+    Setting("issue-timeout", "how long a publish waits for an issuer", "60s", "duration"),
+    Setting("renewal-workers", "renewals that may run at once", 2, "int"),
+    Setting("grpc-workers", "gRPC requests that may run at once", 8, "int"),
+    Setting("tmpfs-size", "size of the tmpfs that holds volume payloads, in MiB", 64, "int"),
+    Setting("log-level", "debug, info, warning or error", "info"),
+    Setting("log-format", "auto (JSON unless on a terminal), json or text", "auto"),
+)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    endpoint: str
+    node_id: str
+    driver_name: str
+    data_root: Path
+    metrics_address: str
+    ca_cert_file: Path | None
+    ca_key_file: Path | None
+    ca_dir: Path | None
+    ca_secret: tuple[str, str] | None
+    max_duration_seconds: int
+    allow_ca: bool
+    allowed_namespaces: frozenset[str] | None
+    standalone: bool
+    kubeconfig: str | None
+    kube_qps: float
+    kube_burst: int
+    issue_timeout_seconds: float
+    renewal_workers: int
+    grpc_workers: int
+    tmpfs_size_bytes: int
+    log_level: str
+    log_format: str
+
+    @property
+    def socket_path(self) -> Path:
+        return socket_path_from_endpoint(self.endpoint)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare every setting as a flag whose default is None, so unset flags fall through."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with any of these settings")
+    for setting in SETTINGS:
+        default = f" (default: {setting.default})" if setting.default not in (None, False) else ""
+        env = f" [env {env_name(setting.flag)}]"
+        if setting.kind == "bool":
+            parser.add_argument(
+                f"--{setting.flag}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=setting.help + env,
+            )
+        else:
+            parser.add_argument(
+                f"--{setting.flag}", default=None, help=setting.help + default + env
+            )
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.upper().replace("-", "_")
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Merge flags over environment over the config file over defaults, then validate."""
+    environ = os.environ if environ is None else environ
+    file_values = _read_config_file(getattr(args, "config", None) or environ.get("CERT_AGENT_CONFIG"))
+    raw: dict[str, Any] = {}
+    for setting in SETTINGS:
+        attr = setting.flag.replace("-", "_")
+        value = getattr(args, attr, None)
+        source = f"--{setting.flag}"
+        if value is None and env_name(setting.flag) in environ:
+            value, source = environ[env_name(setting.flag)], env_name(setting.flag)
+        if value is None:
+            for key in (setting.flag, attr):
+                if key in file_values:
+                    value, source = file_values[key], f"config key {setting.flag!r}"
+                    break
+        if value is None:
+            value, source = setting.default, f"default of --{setting.flag}"
+        raw[setting.flag] = _convert(setting, value, source)
+    return _build(raw)
+
+
+def _read_config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read --config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config file {path} must hold a mapping of setting: value")
+    known = {s.flag for s in SETTINGS} | {s.flag.replace("-", "_") for s in SETTINGS}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ConfigError(f"--config file {path} has unknown settings: {', '.join(unknown)}")
+    return data
+
+
+def _convert(setting: Setting, value: Any, source: str) -> Any:
+    if value is None:
+        return None
+    try:
+        if setting.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
+        if setting.kind == "int":
+            return int(value)
+        if setting.kind == "float":
+            return float(value)
+        if setting.kind == "duration":
+            from agent.attributes import parse_go_duration
+
+            seconds = parse_go_duration(str(value))
+            if seconds <= 0:
+                raise ValueError("must be positive")
+            return seconds
+        if setting.kind == "list":
+            items = value if isinstance(value, list) else str(value).split(",")
+            return [str(i).strip() for i in items if str(i).strip()]
+        return str(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: invalid value {value!r}: {exc}") from exc
+
+
+def socket_path_from_endpoint(endpoint: str) -> Path:
+    if not endpoint.startswith("unix://"):
+        raise ConfigError(f"--endpoint {endpoint!r} must be unix:///absolute/path")
+    path = endpoint[len("unix://") :]
+    if not path.startswith("/"):
+        raise ConfigError(f"--endpoint {endpoint!r} must name an absolute socket path")
+    return Path(path)
+
+
+def _build(raw: dict[str, Any]) -> AgentConfig:
+    standalone = bool(raw["standalone"])
+    node_id = raw["node-id"]
+    if not node_id:
+        if not standalone:
+            raise ConfigError(
+                "--node-id is required (in a DaemonSet set CERT_AGENT_NODE_ID from spec.nodeName)"
+            )
+        node_id = os.uname().nodename
+    driver_name = raw["driver-name"]
+    data_root = Path(raw["data-root"] or f"/var/lib/kubelet/plugins/{driver_name}/data")
+    if not data_root.is_absolute():
+        data_root = data_root.resolve()
+    socket_path_from_endpoint(raw["endpoint"])
+    cert_file, key_file = raw["ca-cert-file"], raw["ca-key-file"]
+    if bool(cert_file) != bool(key_file):
+        raise ConfigError("--ca-cert-file and --ca-key-file must be given together")
+    sources = [
+        name
+        for name, given in (
+            ("--ca-cert-file/--ca-key-file", cert_file),
+            ("--ca-dir", raw["ca-dir"]),
+            ("--ca-secret", raw["ca-secret"]),
+        )
+        if given
+    ]
+    if len(sources) > 1:
+        raise ConfigError(f"choose one CA source, not {' and '.join(sources)}")
+    if not sources and not standalone:
+        raise ConfigError(
+            "no local CA configured: give --ca-secret NAMESPACE/NAME, --ca-dir, or "
+            "--ca-cert-file/--ca-key-file (or --standalone for a self-signed CA)"
+        )
+    ca_secret = None
+    if raw["ca-secret"]:
+        parts = raw["ca-secret"].split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--ca-secret {raw['ca-secret']!r} must be NAMESPACE/NAME")
+        ca_secret = (parts[0], parts[1])
+    if raw["log-format"] not in ("auto", "json", "text"):
+        raise ConfigError(f"--log-format {raw['log-format']!r} must be auto, json or text")
+    for flag in ("renewal-workers", "grpc-workers", "tmpfs-size", "kube-burst"):
+        if raw[flag] < 1:
+            raise ConfigError(f"--{flag} must be at least 1")
+    return AgentConfig(
+        endpoint=raw["endpoint"],
+        node_id=node_id,
+        driver_name=driver_name,
+        data_root=data_root,
+        metrics_address=raw["metrics-address"],
+        ca_cert_file=Path(cert_file) if cert_file else None,
+        ca_key_file=Path(key_file) if key_file else None,
+        ca_dir=Path(raw["ca-dir"]) if raw["ca-dir"] else None,
+        ca_secret=ca_secret,
+        max_duration_seconds=int(raw["max-duration"]),
+        allow_ca=bool(raw["allow-ca"]),
+        allowed_namespaces=frozenset(raw["allowed-namespaces"])
+        if raw["allowed-namespaces"]
+        else None,
+        standalone=standalone,
+        kubeconfig=raw["kubeconfig"],
+        kube_qps=raw["kube-qps"],
+        kube_burst=raw["kube-burst"],
+        issue_timeout_seconds=raw["issue-timeout"],
+        renewal_workers=raw["renewal-workers"],
+        grpc_workers=raw["grpc-workers"],
+        tmpfs_size_bytes=raw["tmpfs-size"] * 1024 * 1024,
+        log_level=raw["log-level"],
+        log_format=raw["log-format"],
+    )

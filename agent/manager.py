@@ -1,0 +1,538 @@
+"""The volume manager: publish, unpublish, renew and recover, one volume at a time.
+
+Every change to a volume happens under that volume's lock. Issuance for a renewal runs outside
+the lock (a slow cert-manager issuer must not block an unpublish) and is committed under it only
+if the volume still exists. A volume that has served a certificate is never torn down by a
+failure: the old files stay until new ones are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.attributes import parse_volume_context
+from agent.csr import build_csr
+from agent.errors import (
+    AgentError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    IssuanceFailed,
+)
+from agent.issuers.base import IssuedCertificate, IssueRequest
+from agent.issuers.router import IssuerRouter
+from agent.keys import (
+    PrivateKey,
+    encode_private_key,
+    generate_private_key,
+    key_matches_spec,
+    load_private_key,
+)
+from agent.locks import KeyedLocks
+from agent.metrics import AgentMetrics
+from agent.mounter import Mounter
+from agent.pkcs12 import build_keystore
+from agent.scheduler import renewal_due
+from agent.spec import CertificateSpec, PodInfo
+from agent.store import (
+    VolumeMeta,
+    VolumeState,
+    VolumeStore,
+    read_payload_file,
+    validate_volume_id,
+    write_payload,
+)
+
+log = logging.getLogger(__name__)
+
+# kubelet passes service-account tokens here when the CSIDriver asks for tokenRequests. They are
+# credentials: kept in memory for the issuer, never written to the metadata.
+TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    volume_id: str
+    target_path: str
+    volume_context: Mapping[str, str]
+    readonly: bool
+    volume_mount_group: str | None = None
+
+
+class Scheduler(Protocol):
+    def schedule(self, volume_id: str, due: float) -> None: ...
+
+    def cancel(self, volume_id: str) -> None: ...
+
+
+class _NoScheduler:
+    def schedule(self, volume_id: str, due: float) -> None:
+        pass
+
+    def cancel(self, volume_id: str) -> None:
+        pass
+
+
+class VolumeManager:
+    def __init__(
+        self,
+        *,
+        store: VolumeStore,
+        mounter: Mounter,
+        issuers: IssuerRouter,
+        metrics: AgentMetrics,
+        node_id: str,
+        issue_timeout_seconds: float = 60.0,
+        lock_timeout_seconds: float = 0.5,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.mounter = mounter
+        self.issuers = issuers
+        self.metrics = metrics
+        self.node_id = node_id
+        self.issue_timeout_seconds = issue_timeout_seconds
+        self.lock_timeout_seconds = lock_timeout_seconds
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.scheduler: Scheduler = _NoScheduler()
+        self._locks = KeyedLocks()
+        # Latest service-account token per volume (memory only; see TOKENS_KEY).
+        self._tokens: dict[str, str] = {}
+
+    def attach_scheduler(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    # ----------------------------------------------------------------------------- publish
+
+    def publish(self, request: PublishRequest) -> None:
+        """Issue (or find) the volume's certificate and make it visible at target_path."""
+        validate_volume_id(request.volume_id)
+        target = _validate_target_path(request.target_path, self.store.data_root)
+        if not request.readonly:
+            raise InvalidArgument(
+                "this driver only serves read-only volumes: set readOnly: true on the csi volume"
+            )
+        context = {k: v for k, v in request.volume_context.items() if k != TOKENS_KEY}
+        token = _pick_token(request.volume_context.get(TOKENS_KEY))
+        spec, pod = parse_volume_context(context)
+
+        with self._locks.hold(request.volume_id, self.lock_timeout_seconds):
+            if token:
+                self._tokens[request.volume_id] = token
+            meta = self.store.load(request.volume_id)
+            if meta is not None:
+                self._check_same_arguments(meta, request, context)
+                if meta.state == VolumeState.READY and self._payload_complete(meta, spec):
+                    if meta.mode == "mount":
+                        self._ensure_mounted(meta)
+                    return
+            else:
+                now = self.clock()
+                meta = VolumeMeta(
+                    volume_id=request.volume_id,
+                    target_path=str(target),
+                    volume_context=context,
+                    readonly=request.readonly,
+                    volume_mount_group=request.volume_mount_group,
+                    node_id=self.node_id,
+                    state=VolumeState.ISSUING,
+                    issuer=spec.issuer.describe(),
+                    mode="mount" if self.mounter.can_mount else "direct",
+                    created_at=now,
+                    updated_at=now,
+                )
+                self.store.save(meta)
+                self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+            self._first_issue(meta, spec, pod)
+
+    def _first_issue(self, meta: VolumeMeta, spec: CertificateSpec, pod: PodInfo) -> None:
+        """Issue and publish a volume that has never served a certificate (lock held)."""
+        try:
+            key = self._select_key(meta, spec, "issue")
+            issued = self._issue(meta, spec, pod, key, "issue")
+            self._commit(meta, spec, pod, key, issued)
+        except DeadlineExceeded:
+            # The pending request and its key stay, so kubelet's retry picks them up.
+            raise
+        except AgentError:
+            self._discard_unserved(meta)
+            raise
+        except Exception:
+            log.exception("publishing failed", extra=_log_fields(meta, pod))
+            self._discard_unserved(meta)
+            raise
+        log.info(
+            "published volume",
+            extra={**_log_fields(meta, pod), "serial": meta.serial, "not_after": meta.not_after},
+        )
+
+    def _discard_unserved(self, meta: VolumeMeta) -> None:
+        """Forget a volume whose first issue failed: nothing of it stays on disk."""
+        if meta.mode == "direct":
+            _remove_tree(Path(meta.target_path))
+        else:
+            self.mounter.unmount(Path(meta.target_path))
+            _rmdir_if_exists(Path(meta.target_path))
+        self.store.remove(meta.volume_id)
+        self._tokens.pop(meta.volume_id, None)
+        self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+
+    def _check_same_arguments(
+        self, meta: VolumeMeta, request: PublishRequest, context: Mapping[str, str]
+    ) -> None:
+        differences = []
+        if meta.target_path != str(Path(request.target_path)):
+            differences.append(f"target_path (published at {meta.target_path})")
+        if meta.volume_context != dict(context):
+            differences.append("volume attributes")
+        if meta.readonly != request.readonly:
+            differences.append("readonly")
+        if meta.volume_mount_group != request.volume_mount_group:
+            differences.append("volume_mount_group")
+        if differences:
+            from agent.errors import AlreadyExists
+
+            raise AlreadyExists(
+                f"volume {meta.volume_id} is already published with different "
+                f"{', '.join(differences)}"
+            )
+
+    # --------------------------------------------------------------------------- unpublish
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        """Unmount and remove target_path and forget the volume. Idempotent."""
+        validate_volume_id(volume_id)
+        target = _validate_target_path(target_path, self.store.data_root)
+        with self._locks.hold(volume_id, self.lock_timeout_seconds):
+            self.scheduler.cancel(volume_id)
+            meta = self.store.load(volume_id)
+            if meta is not None and meta.target_path != str(target):
+                # Not this volume's target: clean what is there, keep the volume.
+                log.warning(
+                    "unpublish names a target the volume is not published at",
+                    extra={"volume_id": volume_id, "target_path": str(target)},
+                )
+                self._clear_target(target, direct=False)
+                return
+            self._clear_target(target, direct=meta is not None and meta.mode == "direct")
+            self.store.remove(volume_id)
+            self._tokens.pop(volume_id, None)
+            self.metrics.remove_volume(volume_id)
+            self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+        if meta is not None:
+            log.info("unpublished volume", extra={"volume_id": volume_id})
+
+    def _clear_target(self, target: Path, *, direct: bool) -> None:
+        self.mounter.unmount(target)
+        if direct:
+            _remove_tree(target)
+            return
+        try:
+            target.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"target_path {target} is not empty after unmounting: {exc.strerror}; "
+                "it holds files the agent did not write, so it was left in place"
+            ) from exc
+
+    # ----------------------------------------------------------------------------- renewal
+
+    def renew(self, volume_id: str) -> float | None:
+        """Scheduler callback: renew (or finish) a volume; returns its next due time or None."""
+        with self._locks.hold(volume_id):
+            meta = self.store.load(volume_id)
+            if meta is None:
+                return None
+            spec, pod = parse_volume_context(meta.volume_context)
+            if meta.state != VolumeState.READY:
+                # A first issue that never finished (the agent stopped during it): finish it.
+                self._first_issue(meta, spec, pod)
+                return meta.next_renewal
+            key = self._select_key(meta, spec, "renew")
+            generation = meta.created_at
+        # Issue without the lock, so unpublish and publish retries are never kept waiting.
+        issued = self._issue(meta, spec, pod, key, "renew")
+        with self._locks.hold(volume_id):
+            current = self.store.load(volume_id)
+            if current is None or current.created_at != generation:
+                log.info("volume went away during renewal", extra={"volume_id": volume_id})
+                return None
+            self._commit(current, spec, pod, key, issued)
+        log.info(
+            "renewed certificate",
+            extra={**_log_fields(current, pod), "serial": current.serial},
+        )
+        return current.next_renewal
+
+    # ---------------------------------------------------------------------------- recovery
+
+    def recover(self) -> int:
+        """On start: heal mounts, resume renewals, finish unfinished issues. Returns volumes seen."""
+        volume_ids = self.store.volume_ids()
+        for volume_id in volume_ids:
+            try:
+                self._recover_one(volume_id)
+            except Exception:
+                log.exception("could not recover volume", extra={"volume_id": volume_id})
+        self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+        return len(volume_ids)
+
+    def _recover_one(self, volume_id: str) -> None:
+        with self._locks.hold(volume_id):
+            meta = self.store.load(volume_id)
+            if meta is None:
+                return
+            target = Path(meta.target_path)
+            if not target.parent.exists():
+                # The pod's volume directory is gone: the pod was deleted while we were down.
+                log.info("forgetting volume of a deleted pod", extra={"volume_id": volume_id})
+                self.mounter.unmount(target)
+                self.store.remove(volume_id)
+                return
+            spec, pod = parse_volume_context(meta.volume_context)
+            if meta.state == VolumeState.READY and self._payload_complete(meta, spec):
+                if meta.mode == "mount":
+                    self._ensure_mounted(meta)
+                self._publish_metrics(meta, pod)
+                due = meta.next_renewal if meta.next_renewal is not None else self.clock()
+                self.scheduler.schedule(volume_id, due)
+                log.info(
+                    "resumed volume",
+                    extra={**_log_fields(meta, pod), "next_renewal": meta.next_renewal},
+                )
+            else:
+                self.scheduler.schedule(volume_id, self.clock())
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _select_key(self, meta: VolumeMeta, spec: CertificateSpec, operation: str) -> PrivateKey:
+        """A pending key (a retry of an unfinished request), the current key, or a new one."""
+        pending = self.store.load_pending_key(meta.volume_id)
+        if pending is not None:
+            key = load_private_key(pending)
+            if key_matches_spec(key, spec.key):
+                return key
+        if operation == "renew" and spec.key.reuse:
+            current = read_payload_file(self._payload_dir(meta), spec.files.private_key)
+            if current is not None:
+                key = load_private_key(current)
+                if key_matches_spec(key, spec.key):
+                    return key
+        key = generate_private_key(spec.key)
+        self.store.save_pending_key(meta.volume_id, encode_private_key(key, spec.key.encoding))
+        return key
+
+    def _issue(
+        self,
+        meta: VolumeMeta,
+        spec: CertificateSpec,
+        pod: PodInfo,
+        key: PrivateKey,
+        operation: str,
+    ) -> IssuedCertificate:
+        issuer = self.issuers.for_ref(spec.issuer)
+        request = IssueRequest(
+            volume_id=meta.volume_id,
+            node_id=self.node_id,
+            pod=pod,
+            spec=spec,
+            csr_pem=build_csr(key, spec),
+            service_account_token=self._tokens.get(meta.volume_id),
+        )
+        self.metrics.issue_started(issuer.name, operation)
+        started = time.monotonic()
+        failure: str | None = "error"
+        try:
+            issued = issuer.issue(request, self.issue_timeout_seconds)
+            _check_issued_for_key(issued, key)
+            failure = None
+            return issued
+        except AgentError as exc:
+            failure = exc.reason
+            log.warning(
+                "%s failed: %s",
+                operation,
+                exc.message,
+                extra={**_log_fields(meta, pod), "issuer": issuer.name, "reason": exc.reason},
+            )
+            raise
+        finally:
+            self.metrics.issue_finished(
+                issuer.name, operation, time.monotonic() - started, failure
+            )
+
+    def _commit(
+        self,
+        meta: VolumeMeta,
+        spec: CertificateSpec,
+        pod: PodInfo,
+        key: PrivateKey,
+        issued: IssuedCertificate,
+    ) -> None:
+        """Swap the new files in, mount, record, schedule (lock held)."""
+        write_payload(self._payload_dir(meta), _payload_files(spec, key, issued), _gid(spec, meta))
+        if meta.mode == "mount":
+            self._ensure_mounted(meta)
+        not_before = issued.not_before.timestamp()
+        not_after = issued.not_after.timestamp()
+        meta.state = VolumeState.READY
+        meta.serial = issued.serial_hex
+        meta.not_before = not_before
+        meta.not_after = not_after
+        meta.next_renewal = renewal_due(not_before, not_after, spec.renew_before_seconds, self.rng)
+        meta.pending_request = None
+        meta.issuer = spec.issuer.describe()
+        meta.updated_at = self.clock()
+        self.store.save(meta)
+        self.store.clear_pending_key(meta.volume_id)
+        self._publish_metrics(meta, pod)
+        self.scheduler.schedule(meta.volume_id, meta.next_renewal)
+
+    def _publish_metrics(self, meta: VolumeMeta, pod: PodInfo) -> None:
+        if meta.not_after is None or meta.next_renewal is None:
+            return
+        self.metrics.set_volume(
+            meta.volume_id, pod.namespace, pod.name, meta.issuer, meta.not_after, meta.next_renewal
+        )
+
+    def _payload_dir(self, meta: VolumeMeta) -> Path:
+        if meta.mode == "direct":
+            return Path(meta.target_path)
+        return self.store.payload_dir(meta.volume_id)
+
+    def _payload_complete(self, meta: VolumeMeta, spec: CertificateSpec) -> bool:
+        directory = self._payload_dir(meta)
+        names = [spec.files.certificate, spec.files.ca, spec.files.private_key]
+        return all(read_payload_file(directory, name) is not None for name in names)
+
+    def _ensure_mounted(self, meta: VolumeMeta) -> None:
+        payload = self.store.payload_dir(meta.volume_id)
+        target = Path(meta.target_path)
+        if self.mounter.is_bind_of(target, payload):
+            return
+        if self.mounter.is_mountpoint(target):
+            # Mounted, but not from this payload (a stale bind from an earlier agent): replace it.
+            log.warning("re-binding a stale mount", extra={"volume_id": meta.volume_id})
+            self.mounter.unmount(target)
+        self.mounter.bind_readonly(payload, target)
+
+    def managed_volumes(self) -> list[str]:
+        return self.store.volume_ids()
+
+
+# ----------------------------------------------------------------------------- functions
+
+
+def _validate_target_path(target_path: str, data_root: Path) -> Path:
+    if not target_path:
+        raise InvalidArgument("target_path is required")
+    if "\x00" in target_path or not os.path.isabs(target_path):
+        raise InvalidArgument(f"target_path {target_path!r} must be an absolute path")
+    if ".." in Path(target_path).parts:
+        raise InvalidArgument(f"target_path {target_path!r} must not contain '..'")
+    target = Path(os.path.normpath(target_path))
+    if target == Path("/") or target.is_relative_to(data_root) or data_root.is_relative_to(target):
+        raise InvalidArgument(
+            f"target_path {target_path!r} overlaps the agent's data root {data_root}"
+        )
+    return target
+
+
+def _pick_token(tokens_json: str | None) -> str | None:
+    """The first service-account token kubelet passed (CSIDriver tokenRequests), if any."""
+    if not tokens_json:
+        return None
+    import json
+
+    try:
+        tokens = json.loads(tokens_json)
+    except ValueError:
+        raise InvalidArgument(f"{TOKENS_KEY} is not valid JSON") from None
+    if not isinstance(tokens, dict):
+        return None
+    for entry in tokens.values():
+        if isinstance(entry, dict) and isinstance(entry.get("token"), str):
+            return str(entry["token"])
+    return None
+
+
+def _gid(spec: CertificateSpec, meta: VolumeMeta) -> int | None:
+    if spec.fs_group is not None:
+        return spec.fs_group
+    if meta.volume_mount_group:
+        try:
+            return int(meta.volume_mount_group)
+        except ValueError:
+            raise InvalidArgument(
+                f"volume_mount_group {meta.volume_mount_group!r} is not a numeric group id"
+            ) from None
+    return None
+
+
+def _payload_files(
+    spec: CertificateSpec, key: PrivateKey, issued: IssuedCertificate
+) -> dict[str, bytes]:
+    files = {
+        spec.files.private_key: encode_private_key(key, spec.key.encoding),
+        spec.files.certificate: issued.chain_pem,
+        spec.files.ca: issued.ca_pem,
+    }
+    if spec.pkcs12 is not None:
+        files[spec.pkcs12.filename] = build_keystore(
+            key,
+            x509.load_pem_x509_certificates(issued.chain_pem),
+            x509.load_pem_x509_certificates(issued.ca_pem) if issued.ca_pem.strip() else [],
+            spec.pkcs12.password,
+        )
+    return files
+
+
+def _check_issued_for_key(issued: IssuedCertificate, key: PrivateKey) -> None:
+    """Never publish a certificate that does not belong to the key we hold."""
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if issued.leaf.public_key().public_bytes(enc, fmt) != key.public_key().public_bytes(enc, fmt):
+        raise IssuanceFailed(
+            "the issuer returned a certificate for a different key", reason="key_mismatch"
+        )
+
+
+def _log_fields(meta: VolumeMeta, pod: PodInfo) -> dict[str, object]:
+    return {"volume_id": meta.volume_id, "pod": pod.name, "namespace": pod.namespace}
+
+
+def _rmdir_if_exists(path: Path) -> None:
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.warning("could not remove directory", extra={"path": str(path)})
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a payload written straight into target_path (read-only dirs included)."""
+    if not path.exists():
+        return
+    for root, dirs, _files in os.walk(path):
+        os.chmod(root, 0o700)
+        for name in dirs:
+            child = os.path.join(root, name)
+            if not os.path.islink(child):
+                os.chmod(child, 0o700)
+    shutil.rmtree(path)

@@ -1,0 +1,256 @@
+"""Shared fixtures: a real agent (in-process or as a process) on a real UNIX socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.client import CSIClient, PodIdentity, pod_volume_context, publish_request
+from agent.config import AgentConfig
+from agent.csi import csi_pb2
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+IS_ROOT = os.geteuid() == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def unmount_below(root: Path) -> None:
+    """Unmount everything mounted at or below root, deepest first (test cleanup)."""
+    if not IS_ROOT:
+        return
+    root_text = str(root)
+    points = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == root_text or point.startswith(root_text + "/"):
+                points.append(point)
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+def make_config(tmp: Path, **overrides: object) -> AgentConfig:
+    values: dict[str, object] = {
+        "endpoint": f"unix://{tmp}/csi/csi.sock",
+        "node_id": "node-1",
+        "driver_name": "csi.cert-agent.io",
+        "data_root": tmp / "data",
+        "metrics_address": "127.0.0.1:0",
+        "ca_cert_file": None,
+        "ca_key_file": None,
+        "ca_dir": None,
+        "ca_secret": None,
+        "max_duration_seconds": 2160 * 3600,
+        "allow_ca": False,
+        "allowed_namespaces": None,
+        "standalone": True,
+        "kubeconfig": None,
+        "kube_qps": 20.0,
+        "kube_burst": 40,
+        "issue_timeout_seconds": 10.0,
+        "renewal_workers": 2,
+        "grpc_workers": 8,
+        "tmpfs_size_bytes": 16 * 1024 * 1024,
+        "log_level": "info",
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return AgentConfig(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Pod:
+    """A pod as kubelet sees it: identity, volume id and the target path kubelet would use."""
+
+    kubelet_root: Path
+    name: str
+    namespace: str = "default"
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))
+    service_account: str = "default"
+    volume_name: str = "tls"
+
+    @property
+    def identity(self) -> PodIdentity:
+        return PodIdentity(self.name, self.namespace, self.uid, self.service_account)
+
+    @property
+    def volume_id(self) -> str:
+        import hashlib
+
+        return "csi-" + hashlib.sha256(f"{self.uid}/{self.volume_name}".encode()).hexdigest()
+
+    @property
+    def target(self) -> Path:
+        return (
+            self.kubelet_root
+            / "pods"
+            / self.uid
+            / "volumes"
+            / "kubernetes.io~csi"
+            / self.volume_name
+            / "mount"
+        )
+
+    def request(
+        self, attributes: dict[str, str], fs_group: int | None = None, readonly: bool = True
+    ) -> csi_pb2.NodePublishVolumeRequest:
+        # kubelet creates the parent of target_path; the plugin creates target_path itself.
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        return publish_request(
+            volume_id=self.volume_id,
+            target_path=str(self.target),
+            volume_context=pod_volume_context(self.identity, attributes),
+            fs_group=fs_group,
+            readonly=readonly,
+        )
+
+
+class RunningAgent:
+    """An Agent started in this process, with a real gRPC client on its socket."""
+
+    def __init__(self, tmp: Path, **overrides: object) -> None:
+        from agent.server import Agent
+
+        self.tmp = tmp
+        self.config = make_config(tmp, **overrides)
+        self.agent = Agent(self.config)
+        self.agent.start()
+        self.client = CSIClient(self.config.endpoint, timeout=30)
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.agent.health is not None
+        return f"http://127.0.0.1:{self.agent.health.port}"
+
+    def pod(self, name: str, **kwargs: object) -> Pod:
+        return Pod(self.tmp / "kubelet", name, **kwargs)  # type: ignore[arg-type]
+
+    def publish(self, pod: Pod, attributes: dict[str, str], **kwargs: object) -> Path:
+        self.client.publish(pod.request(attributes, **kwargs))  # type: ignore[arg-type]
+        return pod.target
+
+    def stop(self) -> None:
+        self.client.close()
+        self.agent.stop(grace=1)
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[type[RunningAgent] | object]:
+    started: list[RunningAgent] = []
+
+    def start(**overrides: object) -> RunningAgent:
+        running = RunningAgent(tmp_path, **overrides)
+        started.append(running)
+        return running
+
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
+        unmount_below(tmp_path)
+
+
+@pytest.fixture
+def agent(agent_factory: object) -> RunningAgent:
+    return agent_factory()  # type: ignore[operator, no-any-return]
+
+
+class AgentProcess:
+    """`cert-agent serve` as a real process (for restart tests and the CLI)."""
+
+    def __init__(self, tmp: Path, *extra: str, metrics_port: int | None = None) -> None:
+        self.tmp = tmp
+        self.endpoint = f"unix://{tmp}/csi/csi.sock"
+        self.metrics_port = metrics_port or free_port()
+        self.log_path = tmp / f"agent-{time.monotonic_ns()}.log"
+        self.args = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "serve",
+            "--standalone",
+            "--endpoint",
+            self.endpoint,
+            "--data-root",
+            str(tmp / "data"),
+            "--node-id",
+            "node-1",
+            "--metrics-address",
+            f"127.0.0.1:{self.metrics_port}",
+            "--log-format",
+            "json",
+            *extra,
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> AgentProcess:
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the process owns it until stop()
+        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"agent exited: {self.log_path.read_text()}")
+            try:
+                with CSIClient(self.endpoint, timeout=1) as client:
+                    client.plugin_info()
+                return self
+            except grpc.RpcError:
+                time.sleep(0.1)
+        raise RuntimeError(f"agent did not start: {self.log_path.read_text()}")
+
+    def stop(self) -> str:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def agent_process(tmp_path: Path) -> Iterator[object]:
+    processes: list[AgentProcess] = []
+
+    def start(*extra: str, **kwargs: object) -> AgentProcess:
+        process = AgentProcess(tmp_path, *extra, **kwargs)  # type: ignore[arg-type]
+        processes.append(process)
+        return process.start()
+
+    try:
+        yield start
+    finally:
+        for process in processes:
+            process.stop()
+        unmount_below(tmp_path)
+
+
+def openssl(*args: str, input: bytes | None = None) -> str:
+    result = subprocess.run(["openssl", *args], input=input, capture_output=True)
+    if result.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args)} failed: {result.stderr.decode()}")
+    return result.stdout.decode()

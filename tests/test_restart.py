@@ -1,0 +1,131 @@
+"""The agent as a real process: the CLI client, restarts, and mount healing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.conftest import IS_ROOT, REPO, AgentProcess, openssl
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to mount")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, cwd=REPO
+    )
+
+
+def serial_of(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def publish(agent: AgentProcess, target: Path, name: str) -> None:
+    result = cli(
+        "publish",
+        "--endpoint",
+        agent.endpoint,
+        "--target",
+        str(target),
+        "--pod-name",
+        name,
+        "--pod-namespace",
+        "elastic",
+        "--attr",
+        "dns-names=${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"published volume csi-" in result.stdout
+
+
+def test_cli_publish_gives_a_verified_certificate(agent_process: object, tmp_path: Path) -> None:
+    agent = agent_process()  # type: ignore[operator]
+    target = tmp_path / "pods" / "es-0" / "mount"
+    publish(agent, target, "es-0")
+    assert "OK" in openssl("verify", "-CAfile", str(target / "ca.crt"), str(target / "tls.crt"))
+    text = openssl("x509", "-noout", "-ext", "subjectAltName", "-in", str(target / "tls.crt"))
+    assert "DNS:es-0.elastic.svc.cluster.local" in text
+
+    bad = cli(
+        "publish", "--endpoint", agent.endpoint, "--target", str(tmp_path / "bad" / "mount"),
+        "--attr", "dns-names=under_score.example.com",
+    )
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr and "csi.cert-agent.io/dns-names" in bad.stderr
+
+    result = cli("unpublish", "--endpoint", agent.endpoint, "--target", str(target))
+    assert result.returncode == 0, result.stderr
+    assert not target.exists()
+
+
+def test_restart_keeps_volumes_and_certificates(agent_process: object, tmp_path: Path) -> None:
+    first = agent_process()  # type: ignore[operator]
+    targets = [tmp_path / "pods" / f"es-{i}" / "mount" for i in range(3)]
+    for i, target in enumerate(targets):
+        publish(first, target, f"es-{i}")
+    serials = [serial_of(t / "tls.crt") for t in targets]
+    first.stop()
+
+    second = agent_process()  # type: ignore[operator]
+    assert [serial_of(t / "tls.crt") for t in targets] == serials
+    if IS_ROOT:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+        for target in targets:
+            assert f" {target} " in mountinfo
+    log = second.stop()
+    assert log.count('"resumed volume"') == 3, log
+    assert "published volume" not in log  # nothing was reissued
+
+
+@needs_root
+def test_restart_heals_a_target_that_lost_its_mount(agent_process: object, tmp_path: Path) -> None:
+    first = agent_process()  # type: ignore[operator]
+    target = tmp_path / "pods" / "es-0" / "mount"
+    publish(first, target, "es-0")
+    serial = serial_of(target / "tls.crt")
+    first.kill()  # no graceful stop
+
+    subprocess.run(["umount", str(target)], check=True)
+    assert not (target / "tls.crt").exists()
+
+    second = agent_process()  # type: ignore[operator]
+    assert serial_of(target / "tls.crt") == serial
+    with pytest.raises(OSError):
+        (target / "x").write_text("x")
+    assert "re-binding" not in second.stop()
+
+
+@needs_root
+def test_restart_replaces_a_stale_bind_mount(agent_process: object, tmp_path: Path) -> None:
+    first = agent_process()  # type: ignore[operator]
+    target = tmp_path / "pods" / "es-0" / "mount"
+    publish(first, target, "es-0")
+    serial = serial_of(target / "tls.crt")
+    first.kill()
+
+    # What an old driver leaves behind: target bound to something that is not the payload.
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    subprocess.run(["umount", str(target)], check=True)
+    subprocess.run(["mount", "--bind", str(decoy), str(target)], check=True)
+
+    second = agent_process()  # type: ignore[operator]
+    assert serial_of(target / "tls.crt") == serial
+    assert "re-binding a stale mount" in second.stop()
+
+
+def test_make_run_defaults_start_without_flags_beyond_standalone(tmp_path: Path) -> None:
+    """`cert-agent serve --standalone` needs nothing else to resolve its configuration."""
+    from agent.cli import build_parser
+    from agent.config import resolve
+
+    args = build_parser().parse_args(["serve", "--standalone"])
+    config = resolve(args, environ={})
+    assert config.node_id == os.uname().nodename
+    assert config.metrics_address == ":9402"
+    assert str(config.data_root).startswith("/var/lib/kubelet/plugins/csi.cert-agent.io")
