@@ -458,6 +458,9 @@ def write_payload(directory: Path, files: Mapping[str, bytes], gid: int | None) 
         raise Internal(f"cannot prepare payload directory {directory}: {exc.strerror}") from exc
     try:
         hidden = _write_generation(dfd, files, uid, group)
+        # Kept one more round: a reader that resolved ..data just before the swap still finds
+        # every file of the generation it started on.
+        previous = _readlink_at(dfd, DATA_LINK)
         # The one atomic step readers depend on: ..data switches from the old set to the new.
         _remove_at(dfd, DATA_TMP_LINK)
         os.symlink(hidden, DATA_TMP_LINK, dir_fd=dfd)
@@ -467,10 +470,10 @@ def write_payload(directory: Path, files: Mapping[str, bytes], gid: int | None) 
             _replace_symlink(dfd, name, f"{DATA_LINK}/{name}")
         for entry in os.listdir(dfd):
             if entry.startswith("."):
-                # The previous generation, or leftovers of an interrupted write. Only our own
-                # name shapes: a planted ``..data -> /elsewhere`` target is never touched.
+                # Older generations, or leftovers of an interrupted write. Only our own name
+                # shapes: a planted ``..data -> /elsewhere`` target is never touched.
                 ours = _HIDDEN_DIR_RE.fullmatch(entry) or _TMP_LINK_RE.fullmatch(entry)
-                if ours and entry != hidden:
+                if ours and entry not in (hidden, previous):
                     _remove_at(dfd, entry)
             elif entry not in files:
                 link = _readlink_at(dfd, entry)

@@ -47,6 +47,10 @@ def make_meta(volume_id: str = VOLUME_ID, **changes: object) -> VolumeMeta:
     return meta
 
 
+def current_generation(directory: Path) -> str:
+    return os.readlink(directory / "..data")
+
+
 def hidden_dirs(directory: Path) -> list[str]:
     return sorted(n for n in os.listdir(directory) if HIDDEN_RE.fullmatch(n))
 
@@ -310,7 +314,7 @@ def test_payload_group_follows_a_changed_gid(tmp_path: Path) -> None:
     directory = tmp_path / "data"
     write_payload(directory, FILES, 2000)
     write_payload(directory, FILES, 3000)
-    (hidden,) = hidden_dirs(directory)
+    hidden = current_generation(directory)
     assert directory.stat().st_gid == 3000
     assert (directory / hidden / "tls.crt").stat().st_gid == 3000
 
@@ -333,10 +337,14 @@ def test_rewrite_swaps_generation_removes_stale_names_and_old_dirs(tmp_path: Pat
     (first,) = hidden_dirs(directory)
     new = {"tls.crt": b"CERT-2", "tls.key": b"KEY-2", "ca-bundle.crt": b"CA-2"}
     write_payload(directory, new, None)
-    (second,) = hidden_dirs(directory)
+    second = current_generation(directory)
     assert second != first
-    assert os.readlink(directory / "..data") == second
-    assert sorted(os.listdir(directory)) == sorted([*new, "..data", second])
+    # The previous generation stays one more round for readers that resolved ..data before
+    # the swap; the one before it is removed.
+    assert sorted(os.listdir(directory)) == sorted([*new, "..data", first, second])
+    write_payload(directory, new, None)
+    third = current_generation(directory)
+    assert sorted(os.listdir(directory)) == sorted([*new, "..data", second, third])
     for name, content in new.items():
         assert (directory / name).read_bytes() == content
     assert read_payload_file(directory, "keystore.p12") is None
@@ -351,9 +359,10 @@ def test_leftovers_of_an_interrupted_write_are_cleaned(tmp_path: Path) -> None:
     (stale_dir / "tls.key").write_bytes(b"old key")
     (directory / "..data_tmp").symlink_to(stale_dir.name)
     (directory / "..tmp_fedcba9876543210").symlink_to("..data/tls.crt")
+    previous = current_generation(directory)
     write_payload(directory, FILES, None)
-    (hidden,) = hidden_dirs(directory)
-    assert sorted(os.listdir(directory)) == sorted([*FILES, "..data", hidden])
+    hidden = current_generation(directory)
+    assert sorted(os.listdir(directory)) == sorted([*FILES, "..data", previous, hidden])
 
 
 def test_existing_regular_file_is_replaced_by_a_link(tmp_path: Path) -> None:
@@ -531,5 +540,5 @@ def test_concurrent_reader_never_sees_a_mixed_pair_or_a_missing_file(tmp_path: P
     # Every tenth swap was followed by a read that began after it.
     assert len(seen) >= swaps // 10
     assert max(seen) <= swaps
-    assert len(hidden_dirs(directory)) == 1
+    assert len(hidden_dirs(directory)) == 2  # the current generation and the one before
     assert read_payload_file(directory, "tls.key") == _generation(swaps)["tls.key"]
