@@ -1,0 +1,119 @@
+"""Expansion of ``${POD_NAME}``-style variables in volume attribute values.
+
+Kubelet tells the agent which pod a volume belongs to; pod authors use that to template per-pod
+names (``${POD_NAME}.${POD_NAMESPACE}.svc``). Expansion is a single pass: a value produced by a
+variable is never expanded again. A ``$`` that is followed by neither ``{`` nor a letter or ``_``
+is plain text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+
+from agent.errors import InvalidArgument
+from agent.spec import PodInfo
+
+# Variable name -> where its value comes from (for the "not available" message).
+KNOWN_VARIABLES: dict[str, str] = {
+    "POD_NAME": "csi.storage.k8s.io/pod.name",
+    "POD_NAMESPACE": "csi.storage.k8s.io/pod.namespace",
+    "POD_UID": "csi.storage.k8s.io/pod.uid",
+    "SERVICE_ACCOUNT_NAME": "csi.storage.k8s.io/serviceAccount.name",
+}
+
+_MAX_SHOWN = 200  # kubelet events are short; never echo a 4 KiB value back in full
+
+
+def quote(value: str) -> str:
+    """A value as it is shown in messages: quoted, control characters escaped, truncated."""
+    shown = value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+    # Lone surrogates (not valid UTF-8) are escaped so the message can go over gRPC.
+    return json.dumps(shown, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
+
+
+def _known_list() -> str:
+    return ", ".join("${" + name + "}" for name in KNOWN_VARIABLES)
+
+
+def _value_of(name: str, pod: PodInfo) -> str | None:
+    return {
+        "POD_NAME": pod.name,
+        "POD_NAMESPACE": pod.namespace,
+        "POD_UID": pod.uid,
+        "SERVICE_ACCOUNT_NAME": pod.service_account,
+    }.get(name)
+
+
+def _is_name_start(ch: str) -> bool:
+    return ch == "_" or ("a" <= ch <= "z") or ("A" <= ch <= "Z")
+
+
+def _is_name_char(ch: str) -> bool:
+    return _is_name_start(ch) or ("0" <= ch <= "9")
+
+
+def _substitute(name: str, value: str, pod: PodInfo, attribute: str) -> str:
+    result = _value_of(name, pod)
+    if result is None:
+        hint = ""
+        close = difflib.get_close_matches(name.strip().upper(), list(KNOWN_VARIABLES), n=1)
+        if close:
+            hint = f" (did you mean ${{{close[0]}}}?)"
+        raise InvalidArgument(
+            f"{attribute}: unknown variable {quote(name)} in {quote(value)}{hint}; "
+            f"known variables: {_known_list()}",
+            attribute,
+        )
+    if not result:
+        raise InvalidArgument(
+            f"{attribute}: ${{{name}}} is used in {quote(value)} but kubelet did not send "
+            f"{KNOWN_VARIABLES[name]}; make sure the CSIDriver object sets podInfoOnMount: true",
+            attribute,
+        )
+    return result
+
+
+def expand_template(value: str, pod: PodInfo, attribute: str) -> str:
+    """Replace ``${VAR}`` and ``$VAR`` with the pod's values.
+
+    ``attribute`` is the full key as the user wrote it; every error names it. Unknown variables,
+    ``${}`` and an unterminated ``${`` raise InvalidArgument.
+    """
+    out: list[str] = []
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if ch != "$" or i + 1 >= n:
+            out.append(ch)
+            i += 1
+            continue
+        nxt = value[i + 1]
+        if nxt == "{":
+            end = value.find("}", i + 2)
+            if end < 0:
+                raise InvalidArgument(
+                    f'{attribute}: unterminated "${{" at position {i} in {quote(value)}; '
+                    f"write variables as ${{POD_NAME}}; known variables: {_known_list()}",
+                    attribute,
+                )
+            name = value[i + 2 : end]
+            if not name:
+                raise InvalidArgument(
+                    f'{attribute}: empty variable "${{}}" in {quote(value)}; '
+                    f"known variables: {_known_list()}",
+                    attribute,
+                )
+            out.append(_substitute(name, value, pod, attribute))
+            i = end + 1
+        elif _is_name_start(nxt):
+            end = i + 1
+            while end < n and _is_name_char(value[end]):
+                end += 1
+            out.append(_substitute(value[i + 1 : end], value, pod, attribute))
+            i = end
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
