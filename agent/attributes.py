@@ -55,6 +55,9 @@ OWN_PREFIX = "csi.cert-agent.io/"
 COMPAT_PREFIX = "csi.cert-manager.io/"
 POD_INFO_PREFIX = "csi.storage.k8s.io/"
 MAX_VALUE_BYTES = 4096
+# 4294967295 is (gid_t)-1, which chown(2) reads as "leave the group alone": the files would stay
+# root-owned and unreadable to the pod, so the largest usable group id is one less.
+MAX_GROUP_ID = 4294967294
 
 KEY_USAGES: frozenset[str] = frozenset(
     {
@@ -743,7 +746,7 @@ class _Parser:
 
     def fs_group(self) -> int | None:
         attr = self.attrs.get("fs-group")
-        return None if attr is None else _parse_int(attr, 1, 4294967295, "group id")
+        return None if attr is None else _parse_int(attr, 1, MAX_GROUP_ID, "group id")
 
     def files_and_pkcs12(self) -> tuple[FileNames, Pkcs12Spec | None]:
         enable_attr = self.attrs.get("pkcs12-enable")

@@ -332,7 +332,7 @@ def test_other_options() -> None:
             renew_before="1.5m",
             key_usages="Server Auth, client auth,server auth",
             is_ca="True",
-            fs_group="4294967295",
+            fs_group="4294967294",
             certificate_file="cert.pem",
             ca_file="ca.pem",
             privatekey_file="key.pem",
@@ -350,7 +350,7 @@ def test_other_options() -> None:
     assert spec.renew_before_seconds == 90
     assert spec.key_usages == ("server auth", "client auth")
     assert spec.is_ca is True
-    assert spec.fs_group == 4294967295
+    assert spec.fs_group == 4294967294
     assert spec.files == FileNames("cert.pem", "ca.pem", "key.pem")
     assert spec.pkcs12 == Pkcs12Spec(filename="tls.p12", password="s3cret")
     assert spec.subject == SubjectSpec(
@@ -459,9 +459,9 @@ INVALID_CASES: list[tuple[str, str, str]] = [
     ("certificate-file", "a\x00b", "control"),
     ("ca-file", "é" * 128, "255 bytes"),
     ("certificate-file", "tls.key", "tls.key"),
-    ("fs-group", "0", "1 to 4294967295"),
-    ("fs-group", "-1", "1 to 4294967295"),
-    ("fs-group", "4294967296", "1 to 4294967295"),
+    ("fs-group", "0", "1 to 4294967294"),
+    ("fs-group", "-1", "1 to 4294967294"),
+    ("fs-group", "4294967295", "1 to 4294967294"),
     ("fs-group", "root", '"root"'),
     ("pkcs12-password", "pw", "pkcs12-enable is not true"),
     ("pkcs12-filename", "ks.p12", "pkcs12-enable is not true"),
