@@ -37,5 +37,8 @@ lint: $(STAMP)
 proto: $(STAMP)
 	PYTHON=$(BIN)/python proto/generate.sh
 
+demo: $(STAMP)
+	$(BIN)/python -m agent.demo
+
 clean:
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""`make demo`: the product in one minute, on one machine, with nothing to set up.
+
+Starts an agent with its own CA, publishes the three pods of an Elasticsearch-like StatefulSet
+with certificates that live for seconds, shows them rotate (new serials, same file names, the
+``..data`` link swapped atomically) and the metrics that tell it, then cleans everything up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from cryptography import x509
+
+PODS = ("es-0", "es-1", "es-2")
+NAMESPACE = "elastic"
+ATTRIBUTES = {
+    "dns-names": "${POD_NAME}.es-default.${POD_NAMESPACE}.svc.cluster.local",
+    "other-names": "2.5.4.3=${POD_NAME}.node.es.${POD_NAMESPACE}.es.local",
+    "key-usages": "digital signature,key encipherment,server auth,client auth",
+    "key-algorithm": "ECDSA",
+    "duration": "12s",
+    "renew-before": "6s",
+}
+WATCH_SECONDS = 16
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def cli(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"cert-agent {args[0]} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def describe(target: Path) -> tuple[int, str]:
+    cert = x509.load_pem_x509_certificate((target / "tls.crt").read_bytes())
+    return cert.serial_number, os.readlink(target / "..data")
+
+
+def metrics(port: int) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = (
+        "cert_agent_managed_volumes",
+        "cert_agent_certificate_expiry_timestamp_seconds{",
+        "cert_agent_issue_attempts_total{",
+    )
+    return [line for line in text.splitlines() if line.startswith(wanted)]
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="cert-agent-demo-"))
+    endpoint = f"unix://{work}/csi.sock"
+    port = free_port()
+    say(f"1. Starting the agent (standalone, its own self-signed CA) in {work}")
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-m", "agent.cli", "serve", "--standalone",
+            "--endpoint", endpoint, "--data-root", str(work / "data"), "--node-id", "demo-node",
+            "--metrics-address", f"127.0.0.1:{port}", "--log-format", "json",
+        ],
+        stdout=open(work / "agent.log", "wb"),  # noqa: SIM115 - lives as long as the agent
+        stderr=subprocess.STDOUT,
+    )
+    targets = {pod: work / "pods" / pod / "volumes" / "tls" / "mount" for pod in PODS}
+    try:
+        _wait_for_socket(work / "csi.sock", agent)
+        say(f"   serving on {endpoint}, metrics on http://127.0.0.1:{port}/metrics")
+        say()
+        say("2. kubelet mounts a csi volume into each pod of the StatefulSet 'es':")
+        for key, value in ATTRIBUTES.items():
+            say(f"     csi.cert-agent.io/{key}: {value}")
+        for pod, target in targets.items():
+            args = ["publish", "--endpoint", endpoint, "--target", str(target)]
+            args += ["--pod-name", pod, "--pod-namespace", NAMESPACE]
+            for key, value in ATTRIBUTES.items():
+                args += ["--attr", f"{key}={value}"]
+            cli(*args)
+        say()
+        for pod, target in targets.items():
+            cert = x509.load_pem_x509_certificate((target / "tls.crt").read_bytes())
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns = ", ".join(sans.get_values_for_type(x509.DNSName))
+            verify = subprocess.run(
+                ["openssl", "verify", "-CAfile", str(target / "ca.crt"), str(target / "tls.crt")],
+                capture_output=True, text=True,
+            )
+            files = sorted(n for n in os.listdir(target) if not n.startswith(".."))
+            say(f"   {pod}: {', '.join(files)}  serial {cert.serial_number:x}")
+            say(f"         SAN {dns}; openssl verify: {verify.stdout.strip().split(': ')[-1]}")
+        say()
+        say(f"3. Watching for {WATCH_SECONDS}s: each certificate lives 12s and renews 6s "
+            "before it expires")
+        last = {pod: describe(target) for pod, target in targets.items()}
+        started = time.monotonic()
+        while time.monotonic() - started < WATCH_SECONDS:
+            time.sleep(0.2)
+            for pod, target in targets.items():
+                current = describe(target)
+                if current[0] != last[pod][0]:
+                    elapsed = time.monotonic() - started
+                    say(f"   +{elapsed:4.1f}s {pod} rotated: serial {last[pod][0]:x} -> "
+                        f"{current[0]:x}; ..data -> {current[1]} (one atomic rename)")
+                    last[pod] = current
+        say()
+        say("4. What Prometheus scrapes:")
+        for line in metrics(port):
+            say(f"   {line}")
+        say()
+        say("5. Cleaning up: kubelet unmounts the volumes, the agent stops")
+        for target in targets.values():
+            cli("unpublish", "--endpoint", endpoint, "--target", str(target))
+            say(f"   {target.relative_to(work)} removed: {not target.exists()}")
+        return 0
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        _unmount_below(work)
+        shutil.rmtree(work, ignore_errors=True)
+        say("   done.")
+
+
+def _wait_for_socket(path: Path, agent: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            raise SystemExit("the agent exited; see its log above")
+        if path.exists():
+            return
+        time.sleep(0.1)
+    raise SystemExit("the agent did not start in 30s")
+
+
+def _unmount_below(root: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    from agent.mounter import read_mountinfo
+
+    points = [m.mount_point for m in read_mountinfo() if str(m.mount_point).startswith(str(root))]
+    for point in sorted(points, key=lambda p: len(str(p)), reverse=True):
+        subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
