@@ -1,0 +1,163 @@
+"""The HTTP endpoint on ``--metrics-address``: ``/metrics``, ``/healthz`` and ``/readyz``."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import logging
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], tuple[bool, str]]
+_TEXT = "text/plain; charset=utf-8"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` -> (host, port). An empty host (``:9402``) means all interfaces;
+    IPv6 hosts are bracketed (``[::1]:9402``)."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(
+            f"invalid metrics address {address!r}: expected host:port, e.g. ':9402' or "
+            "'127.0.0.1:9402'"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"invalid metrics address {address!r}: put an IPv6 host in brackets")
+    return host, int(port_text)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # A restarted agent must rebind at once even with connections in TIME_WAIT.
+    allow_reuse_address = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        ready: ReadyCheck,
+        family: socket.AddressFamily,
+    ) -> None:
+        self.address_family = family
+        self.registry = registry
+        self.ready = ready
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # Dual stack for the all-interfaces address, so IPv4 and IPv6 clusters both scrape.
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # HTTPServer.server_bind would resolve our own name (getfqdn), which can hang on a node
+        # with broken reverse DNS; the name is never used.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # a stuck client must not hold a thread forever
+
+    def do_GET(self) -> None:
+        self._respond(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._respond(send_body=False)
+
+    def _respond(self, send_body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        headers: dict[str, str] = {}
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            body = encoder(self.server.registry)
+            if "gzip" in self.headers.get("Accept-Encoding", ""):
+                body = gzip.compress(body)
+                headers["Content-Encoding"] = "gzip"
+            self._send(200, body, content_type, headers, send_body)
+        elif path == "/healthz":
+            self._send(200, b"ok\n", _TEXT, headers, send_body)
+        elif path == "/readyz":
+            try:
+                ok, reason = self.server.ready()
+            except Exception as exc:  # a broken check means not ready, not a dead server
+                log.warning("readiness check failed: %s", exc)
+                ok, reason = False, f"readiness check failed: {exc}"
+            status, text = (200, "ok") if ok else (503, reason or "not ready")
+            self._send(status, (text + "\n").encode(), _TEXT, headers, send_body)
+        else:
+            self._send(404, b"not found\n", _TEXT, headers, send_body)
+
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str], send_body: bool
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Probes and scrapes arrive every few seconds: keep them out of the info log.
+        log.debug("http %s " + format, self.client_address[0], *args)
+
+
+class HealthServer:
+    """Serves metrics and health on ``address`` ("host:port"; ":9402" = all interfaces, port 0 =
+    any free port, see ``port`` after ``start``)."""
+
+    def __init__(self, address: str, registry: CollectorRegistry, ready: ReadyCheck) -> None:
+        self.address = address
+        self._host, self.port = parse_address(address)
+        self._registry = registry
+        self._ready = ready
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the health server was already started")
+        self._server = self._bind()
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="cert-agent-http", daemon=True
+        )
+        self._thread.start()
+        log.info("serving /metrics, /healthz and /readyz", extra={"address": self.address})
+
+    def _bind(self) -> _Server:
+        host = self._host
+        if host in ("", "::", "0.0.0.0"):
+            if host != "0.0.0.0" and socket.has_ipv6:
+                try:
+                    return _Server(("::", self.port), self._registry, self._ready, socket.AF_INET6)
+                except OSError:
+                    pass  # IPv6 disabled on this node: IPv4 only
+            return _Server(("0.0.0.0", self.port), self._registry, self._ready, socket.AF_INET)
+        infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
+        family = infos[0][0]
+        return _Server((host, self.port), self._registry, self._ready, family)
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(5)
+        self._server = self._thread = None

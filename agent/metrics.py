@@ -1,0 +1,194 @@
+"""The agent's Prometheus metrics, on a registry of its own (never the process-global one).
+
+Names are a contract (alert rules, dashboards, the README): see ``cert_agent_*`` below. Per-volume
+series carry namespace, pod, volume id and issuer, never secret material, and go away with the
+volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+import agent
+
+LOCAL_ISSUER = "local"
+OPERATIONS = ("issue", "renew")
+
+# Failure reasons pre-created at zero for each issuer, so rate() and the "renewals failing" alert
+# see a failure's first increment: AgentError.reason values plus "error" (any other exception).
+KNOWN_FAILURE_REASONS = (
+    "invalid_argument",
+    "permission_denied",
+    "deadline_exceeded",
+    "unavailable",
+    "failed",
+    "failed_precondition",
+    "aborted",
+    "internal",
+    "error",
+)
+
+# Local signing takes milliseconds; cert-manager approval can take up to the issue timeout.
+ISSUE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)  # fmt: skip
+GRPC_BUCKETS = ISSUE_BUCKETS
+
+_VOLUME_LABELS = ("namespace", "pod", "volume_id", "issuer")
+
+
+class AgentMetrics:
+    """All of the agent's metrics. Thread-safe."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, version: str = agent.__version__
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self._lock = threading.Lock()
+        self._volume_labels: dict[str, tuple[str, str, str, str]] = {}
+        self._issuers_seen: set[str] = set()
+
+        self.build_info = Gauge(
+            "cert_agent_build_info", "The agent's version (always 1).", ["version"], registry=r
+        )
+        self.build_info.labels(version).set(1)
+        self.managed_volumes = Gauge(
+            "cert_agent_managed_volumes", "Volumes the agent currently manages.", registry=r
+        )
+        self.certificate_expiry = Gauge(
+            "cert_agent_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate in a volume (Unix time).",
+            _VOLUME_LABELS,
+            registry=r,
+        )
+        self.certificate_renewal = Gauge(
+            "cert_agent_certificate_renewal_timestamp_seconds",
+            "When the certificate in a volume is due to renew (Unix time); stays in the past "
+            "while renewals fail.",
+            _VOLUME_LABELS,
+            registry=r,
+        )
+        self.issue_attempts = Counter(
+            "cert_agent_issue_attempts",
+            "Certificate issue and renewal attempts.",
+            ["issuer", "operation"],
+            registry=r,
+        )
+        self.issue_failures = Counter(
+            "cert_agent_issue_failures",
+            "Failed certificate issue and renewal attempts, by reason.",
+            ["issuer", "operation", "reason"],
+            registry=r,
+        )
+        self.issue_duration = Histogram(
+            "cert_agent_issue_duration_seconds",
+            "Time to get a certificate signed (successful and failed attempts).",
+            ["issuer", "operation"],
+            buckets=ISSUE_BUCKETS,
+            registry=r,
+        )
+        self.grpc_requests = Counter(
+            "cert_agent_grpc_requests",
+            "CSI gRPC requests handled, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.grpc_duration = Histogram(
+            "cert_agent_grpc_request_duration_seconds",
+            "CSI gRPC request latency.",
+            ["method"],
+            buckets=GRPC_BUCKETS,
+            registry=r,
+        )
+        self.ca_expiry = Gauge(
+            "cert_agent_ca_expiry_timestamp_seconds",
+            "notAfter of the local CA certificate (Unix time).",
+            registry=r,
+        )
+        self._init_issuer(LOCAL_ISSUER)
+
+    def _init_issuer(self, issuer: str) -> None:
+        """Create an issuer's counter series at zero so rate() works from the first scrape."""
+        with self._lock:
+            if issuer in self._issuers_seen:
+                return
+            self._issuers_seen.add(issuer)
+        for operation in OPERATIONS:
+            self.issue_attempts.labels(issuer, operation)
+            self.issue_duration.labels(issuer, operation)
+            for reason in KNOWN_FAILURE_REASONS:
+                self.issue_failures.labels(issuer, operation, reason)
+
+    # -------------------------------------------------------------------------- volumes
+
+    def set_volume(
+        self,
+        volume_id: str,
+        namespace: str,
+        pod: str,
+        issuer: str,
+        not_after: float,
+        next_renewal: float,
+    ) -> None:
+        """Record a volume's certificate expiry and due renewal, replacing its earlier series."""
+        labels = (namespace, pod, volume_id, issuer)
+        with self._lock:
+            old = self._volume_labels.get(volume_id)
+            if old is not None and old != labels:
+                self._remove_series(old)
+            self._volume_labels[volume_id] = labels
+            self.certificate_expiry.labels(*labels).set(not_after)
+            self.certificate_renewal.labels(*labels).set(next_renewal)
+
+    def remove_volume(self, volume_id: str) -> None:
+        """Drop both series of a volume (unknown volumes are ignored)."""
+        with self._lock:
+            old = self._volume_labels.pop(volume_id, None)
+            if old is not None:
+                self._remove_series(old)
+
+    def _remove_series(self, labels: tuple[str, str, str, str]) -> None:
+        for gauge in (self.certificate_expiry, self.certificate_renewal):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*labels)
+
+    def set_managed_volumes(self, count: int) -> None:
+        self.managed_volumes.set(count)
+
+    # -------------------------------------------------------------------------- issuance
+
+    def issue_started(self, issuer: str, operation: str) -> None:
+        _check_operation(operation)
+        self._init_issuer(issuer)
+        self.issue_attempts.labels(issuer, operation).inc()
+
+    def issue_finished(
+        self, issuer: str, operation: str, seconds: float, failure_reason: str | None
+    ) -> None:
+        """Record a finished attempt; ``failure_reason`` is None on success (else a short code)."""
+        _check_operation(operation)
+        self._init_issuer(issuer)
+        # Failures first: a scrape in between must never look like a success (the
+        # "renewals failing" alert counts successes as finished attempts minus failures).
+        if failure_reason is not None:
+            self.issue_failures.labels(issuer, operation, failure_reason).inc()
+        self.issue_duration.labels(issuer, operation).observe(seconds)
+
+    # -------------------------------------------------------------------------- gRPC and CA
+
+    def observe_grpc(self, method: str, code: str, seconds: float) -> None:
+        self.grpc_requests.labels(method, code).inc()
+        self.grpc_duration.labels(method).observe(seconds)
+
+    def set_ca_expiry(self, timestamp: float) -> None:
+        self.ca_expiry.set(timestamp)
+
+
+def _check_operation(operation: str) -> None:
+    # A fixed label set: a typo must not mint new series the alerts never look at.
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {', '.join(OPERATIONS)}, got {operation!r}")
