@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	mkdir -p $(RUN_DIR)
+	@echo "Starting cert-agent (standalone: self-signed CA, state in $(RUN_DIR)). In another terminal:"
+	@echo "  $(BIN)/cert-agent publish --endpoint $(ENDPOINT) --target $(RUN_DIR)/pods/es-0/tls \\"
+	@echo "      --pod-name es-0 --pod-namespace elastic --attr 'dns-names=\$${POD_NAME}.\$${POD_NAMESPACE}.svc.cluster.local'"
+	@echo "  openssl verify -CAfile $(RUN_DIR)/pods/es-0/tls/ca.crt $(RUN_DIR)/pods/es-0/tls/tls.crt"
+	@echo "  $(BIN)/cert-agent unpublish --endpoint $(ENDPOINT) --target $(RUN_DIR)/pods/es-0/tls"
+	@echo "Metrics: http://$(METRICS_ADDRESS)/metrics   Stop with Ctrl-C."
 	$(BIN)/cert-agent serve --standalone \
 		--endpoint $(ENDPOINT) \
 		--data-root $(RUN_DIR)/data \
@@ -41,4 +47,6 @@ demo: $(STAMP)
 	$(BIN)/python -m agent.demo
 
 clean:
+	@# Mounts outlive the agent on purpose (pods keep their files across restarts); drop ours.
+	-grep -o " $(RUN_DIR)[^ ]*" /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .mypy_cache .ruff_cache
