@@ -338,3 +338,32 @@ def test_pkcs12_keystore_and_custom_file_names(agent: RunningAgent) -> None:
         "pkcs12", "-in", str(target / "keystore.p12"), "-nokeys", "-passin", "pass:s3cret"
     )
     assert "java.example.com" in info or "BEGIN CERTIFICATE" in info
+
+
+def test_without_mounts_the_payload_is_written_into_the_target(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a person gets from `make run` without root: files straight in target_path."""
+    from agent.mounter import NoMounter
+    from agent.server import Agent
+    from tests.conftest import CSIClient, make_config
+
+    config = make_config(tmp_path)
+    running = Agent(config, mounter=NoMounter())
+    with caplog.at_level("WARNING"):
+        running.start()
+    try:
+        assert "not running as root" in caplog.text
+        pod = Pod(tmp_path / "kubelet", "es-0")
+        with CSIClient(config.endpoint) as client:
+            client.publish(pod.request({"csi.cert-agent.io/dns-names": "es-0.example.com"}))
+            assert f" {pod.target} " not in Path("/proc/self/mountinfo").read_text()
+            assert files_of(pod.target) == {"tls.crt", "tls.key", "ca.crt"}
+            assert os.readlink(pod.target / "tls.crt") == "..data/tls.crt"
+            ca, crt = str(pod.target / "ca.crt"), str(pod.target / "tls.crt")
+            assert "OK" in openssl("verify", "-CAfile", ca, crt)
+            client.unpublish(pod.volume_id, str(pod.target))
+        assert not pod.target.exists()
+        assert os.listdir(config.data_root / "volumes") == []
+    finally:
+        running.stop(grace=0)
