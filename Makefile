@@ -43,6 +43,9 @@ lint: $(STAMP)
 proto: $(STAMP)
 	PYTHON=$(BIN)/python proto/generate.sh
 
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench_agent --output docs/benchmarks.md
+
 demo: $(STAMP)
 	$(BIN)/python -m agent.demo
 
