@@ -46,6 +46,12 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench_agent --output docs/benchmarks.md
 
+IMAGE ?= ghcr.io/csi-cert-agent/cert-agent
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+image:
+	docker build --pull -t $(IMAGE):$(VERSION) .
+
 demo: $(STAMP)
 	$(BIN)/python -m agent.demo
 
