@@ -238,10 +238,11 @@ class RenewalScheduler:
         with self._cond:
             touched = volume_id in self._touched
             self._finish_locked(volume_id)
-            if touched or self._stopping:
-                pass  # a newer schedule or a cancel arrived during the run; it stands
-            elif error is None:
+            if error is None:
                 self._attempts.pop(volume_id, None)
+            if touched or self._stopping:
+                pass  # a newer schedule (maybe by renew itself) or a cancel came in: it stands
+            elif error is None:
                 if next_due is not None:
                     self._schedule_locked(volume_id, next_due)
             else:

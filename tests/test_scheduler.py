@@ -448,3 +448,36 @@ def test_replaced_entries_do_not_pile_up(schedulers: list[RenewalScheduler]) -> 
     assert scheduler.pending() == 1
     assert scheduler.due_time("v") == far + 9_999
     assert len(scheduler._heap) <= 2 * 1 + 64 + 1
+
+
+def test_renew_that_schedules_itself_also_resets_the_backoff(
+    schedulers: list[RenewalScheduler],
+) -> None:
+    """The volume manager schedules the next renewal from inside renew(); that must count as a
+    success too, so the next failure starts again at the shortest delay."""
+    clock = FakeClock()
+    outcomes = iter([False, False, True, False])
+    retries: list[int] = []
+    done = threading.Event()
+    scheduler: RenewalScheduler
+
+    def renew(volume_id: str) -> float | None:
+        if not next(outcomes, True):
+            raise RuntimeError("issuer unavailable")
+        scheduler.schedule(volume_id, clock())  # what VolumeManager._commit does
+        return clock()
+
+    def on_retry(volume_id: str, attempt: int, delay: float) -> None:
+        retries.append(attempt)
+        if len(retries) == 3:
+            done.set()
+            return
+        clock.advance(delay)
+        scheduler.wake()
+
+    scheduler = RenewalScheduler(renew, clock=clock, on_retry=on_retry)
+    schedulers.append(scheduler)
+    scheduler.start()
+    scheduler.schedule("v", clock())
+    assert done.wait(WAIT)
+    assert retries == [1, 2, 1]
