@@ -233,6 +233,9 @@ class TestLinuxMounter:
         assert (target / "tls.key").read_bytes() == b"key-2"
         assert os.readlink(target / "..data") != first
         assert not (target / "old").exists()
+        # The previous generation stays for one more swap (in-flight readers), then goes.
+        assert first in os.listdir(target)
+        write_payload(payload, {"tls.crt": b"cert-3", "tls.key": b"key-3"}, 2000)
         assert first not in os.listdir(target)
         assert m.is_bind_of(target, payload)
 
