@@ -104,4 +104,7 @@ class CSIClient:
         )
 
     def plugin_info(self) -> csi_pb2.GetPluginInfoResponse:
-        return self.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=self.timeout)
+        response: csi_pb2.GetPluginInfoResponse = self.identity.GetPluginInfo(
+            csi_pb2.GetPluginInfoRequest(), timeout=self.timeout
+        )
+        return response

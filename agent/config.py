@@ -44,7 +44,9 @@ SETTINGS: tuple[Setting, ...] = (
         "state directory; volume payloads live on a tmpfs under it "
         "(default /var/lib/kubelet/plugins/<driver-name>/data)",
     ),
-    Setting("metrics-address", "host:port for /metrics, /healthz, /readyz", DEFAULT_METRICS_ADDRESS),
+    Setting(
+        "metrics-address", "host:port for /metrics, /healthz, /readyz", DEFAULT_METRICS_ADDRESS
+    ),
     Setting("ca-cert-file", "PEM file of the local CA certificate (with --ca-key-file)"),
     Setting("ca-key-file", "PEM file of the local CA private key (with --ca-cert-file)"),
     Setting("ca-dir", "directory holding ca.crt and ca.key, such as a mounted Secret"),
@@ -131,7 +133,9 @@ def env_name(flag: str) -> str:
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Merge flags over environment over the config file over defaults, then validate."""
     environ = os.environ if environ is None else environ
-    file_values = _read_config_file(getattr(args, "config", None) or environ.get("CERT_AGENT_CONFIG"))
+    file_values = _read_config_file(
+        getattr(args, "config", None) or environ.get("CERT_AGENT_CONFIG")
+    )
     raw: dict[str, Any] = {}
     for setting in SETTINGS:
         attr = setting.flag.replace("-", "_")

@@ -75,9 +75,21 @@ def main() -> int:
     say(f"1. Starting the agent (standalone, its own self-signed CA) in {work}")
     agent = subprocess.Popen(
         [
-            sys.executable, "-m", "agent.cli", "serve", "--standalone",
-            "--endpoint", endpoint, "--data-root", str(work / "data"), "--node-id", "demo-node",
-            "--metrics-address", f"127.0.0.1:{port}", "--log-format", "json",
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "serve",
+            "--standalone",
+            "--endpoint",
+            endpoint,
+            "--data-root",
+            str(work / "data"),
+            "--node-id",
+            "demo-node",
+            "--metrics-address",
+            f"127.0.0.1:{port}",
+            "--log-format",
+            "json",
         ],
         stdout=open(work / "agent.log", "wb"),  # noqa: SIM115 - lives as long as the agent
         stderr=subprocess.STDOUT,
@@ -103,14 +115,17 @@ def main() -> int:
             dns = ", ".join(sans.get_values_for_type(x509.DNSName))
             verify = subprocess.run(
                 ["openssl", "verify", "-CAfile", str(target / "ca.crt"), str(target / "tls.crt")],
-                capture_output=True, text=True,
+                capture_output=True,
+                text=True,
             )
             files = sorted(n for n in os.listdir(target) if not n.startswith(".."))
             say(f"   {pod}: {', '.join(files)}  serial {cert.serial_number:x}")
             say(f"         SAN {dns}; openssl verify: {verify.stdout.strip().split(': ')[-1]}")
         say()
-        say(f"3. Watching for {WATCH_SECONDS}s: each certificate lives 12s and renews 6s "
-            "before it expires")
+        say(
+            f"3. Watching for {WATCH_SECONDS}s: each certificate lives 12s and renews 6s "
+            "before it expires"
+        )
         last = {pod: describe(target) for pod, target in targets.items()}
         started = time.monotonic()
         while time.monotonic() - started < WATCH_SECONDS:
@@ -119,8 +134,10 @@ def main() -> int:
                 current = describe(target)
                 if current[0] != last[pod][0]:
                     elapsed = time.monotonic() - started
-                    say(f"   +{elapsed:4.1f}s {pod} rotated: serial {last[pod][0]:x} -> "
-                        f"{current[0]:x}; ..data -> {current[1]} (one atomic rename)")
+                    say(
+                        f"   +{elapsed:4.1f}s {pod} rotated: serial {last[pod][0]:x} -> "
+                        f"{current[0]:x}; ..data -> {current[1]} (one atomic rename)"
+                    )
                     last[pod] = current
         say()
         say("4. What Prometheus scrapes:")

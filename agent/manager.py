@@ -282,7 +282,7 @@ class VolumeManager:
     # ---------------------------------------------------------------------------- recovery
 
     def recover(self) -> int:
-        """On start: heal mounts, resume renewals, finish unfinished issues. Returns volumes seen."""
+        """On start: heal mounts, resume renewals, finish unfinished issues; returns the count."""
         volume_ids = self.store.volume_ids()
         for volume_id in volume_ids:
             try:
@@ -372,9 +372,7 @@ class VolumeManager:
             )
             raise
         finally:
-            self.metrics.issue_finished(
-                issuer.name, operation, time.monotonic() - started, failure
-            )
+            self.metrics.issue_finished(issuer.name, operation, time.monotonic() - started, failure)
 
     def _commit(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -80,9 +81,7 @@ class Agent:
             node_id=config.node_id,
             issue_timeout_seconds=config.issue_timeout_seconds,
         )
-        self.scheduler = RenewalScheduler(
-            self.manager.renew, workers=config.renewal_workers, on_retry=self._on_retry
-        )
+        self.scheduler = RenewalScheduler(self.manager.renew, workers=config.renewal_workers)
         self.manager.attach_scheduler(self.scheduler)
         recovered = self.manager.recover()
         self.scheduler.start()
@@ -162,12 +161,6 @@ class Agent:
         for volume_id in self.manager.managed_volumes():
             self.scheduler.schedule(volume_id, 0.0)
 
-    def _on_retry(self, volume_id: str, attempt: int, delay: float) -> None:
-        log.warning(
-            "renewal failed; retrying with backoff",
-            extra={"volume_id": volume_id, "attempt": attempt, "retry_in_seconds": round(delay, 1)},
-        )
-
     def _start_grpc(self) -> None:
         socket_path = self.config.socket_path
         socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,10 +209,8 @@ class Agent:
 
 
 def _remove_stale_socket(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def serve(config: AgentConfig) -> int:

@@ -115,8 +115,9 @@ def test_elasticsearch_statefulset_gets_one_certificate_per_pod(
         ), san_line
         assert "TLS Web Server Authentication, TLS Web Client Authentication" in text
 
-    serials = {x509.load_pem_x509_certificate((t / "tls.crt").read_bytes()).serial_number
-               for t in targets}
+    serials = {
+        x509.load_pem_x509_certificate((t / "tls.crt").read_bytes()).serial_number for t in targets
+    }
     assert len(serials) == 3
     _mutual_tls_handshake(targets[0], targets[1], server_name="es-0.elastic.svc.cluster.local")
 
@@ -143,9 +144,10 @@ def _mutual_tls_handshake(server_dir: Path, client_dir: Path, server_name: str) 
 
     thread = threading.Thread(target=serve)
     thread.start()
-    with socket.create_connection(("127.0.0.1", port)) as raw, client_ctx.wrap_socket(
-        raw, server_hostname=server_name
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port)) as raw,
+        client_ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
         tls.sendall(b"hello")
         assert tls.recv(5) == b"hello"
         server_cert = tls.getpeercert()

@@ -40,7 +40,7 @@ def publish(agent: AgentProcess, target: Path, name: str) -> None:
         "dns-names=${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local",
     )
     assert result.returncode == 0, result.stderr
-    assert f"published volume csi-" in result.stdout
+    assert "published volume csi-" in result.stdout
 
 
 def test_cli_publish_gives_a_verified_certificate(agent_process: object, tmp_path: Path) -> None:
@@ -52,8 +52,13 @@ def test_cli_publish_gives_a_verified_certificate(agent_process: object, tmp_pat
     assert "DNS:es-0.elastic.svc.cluster.local" in text
 
     bad = cli(
-        "publish", "--endpoint", agent.endpoint, "--target", str(tmp_path / "bad" / "mount"),
-        "--attr", "dns-names=under_score.example.com",
+        "publish",
+        "--endpoint",
+        agent.endpoint,
+        "--target",
+        str(tmp_path / "bad" / "mount"),
+        "--attr",
+        "dns-names=under_score.example.com",
     )
     assert bad.returncode == 1
     assert "INVALID_ARGUMENT" in bad.stderr and "csi.cert-agent.io/dns-names" in bad.stderr

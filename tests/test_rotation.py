@@ -94,7 +94,7 @@ def test_rotation_never_shows_a_mismatched_pair_or_a_missing_file(agent: Running
         "tls.key",
     ]
     # A new key for every renewal (reuse-private-key is off).
-    cert, key_pem = read_pair(target)
+    cert, _ = read_pair(target)
     assert cert.serial_number != first_serial
     metrics = scrape(agent)
     assert 'cert_agent_issue_attempts_total{issuer="local",operation="renew"}' in metrics
@@ -211,8 +211,11 @@ def test_restart_mid_schedule_renews_each_volume_once_at_its_time(
     assert "renewed certificate" not in first_log
 
     second: AgentProcess = agent_process()  # type: ignore[operator]
-    wait_for(lambda: all(serial_of(t) != s for t, s in zip(targets, serials, strict=True)), 15,
-             "every volume renewed after the restart")
+    wait_for(
+        lambda: all(serial_of(t) != s for t, s in zip(targets, serials, strict=True)),
+        15,
+        "every volume renewed after the restart",
+    )
     renewed_at = time.time()
     time.sleep(1.0)  # the next renewals are ~4 s away: none may happen twice now
     log = second.stop()

@@ -27,7 +27,7 @@ class IssueRequest:
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    """A signed certificate: ``chain_pem`` is the leaf then any intermediates, ``ca_pem`` the CA(s)."""
+    """A signed certificate: ``chain_pem`` is the leaf then intermediates, ``ca_pem`` the CA(s)."""
 
     chain_pem: bytes
     ca_pem: bytes
@@ -62,7 +62,7 @@ class Issuer(Protocol):
 
     @property
     def name(self) -> str:
-        """A stable label for metrics and logs (``local`` or ``ClusterIssuer/x.cert-manager.io``)."""
+        """A stable label for metrics and logs (``local``, ``cert-manager``)."""
         ...
 
     def issue(self, request: IssueRequest, timeout_seconds: float) -> IssuedCertificate: ...
