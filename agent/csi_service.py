@@ -44,6 +44,15 @@ def rpc(method: str) -> Callable[[Handler[Request, Response]], Handler[Request, 
         def wrapper(self: Any, request: Request, context: grpc.ServicerContext) -> Response:
             started = time.monotonic()
             code = "OK"
+            log.debug(
+                "%s called",
+                method,
+                extra={
+                    "method": method,
+                    "volume_id": getattr(request, "volume_id", None),
+                    "target_path": getattr(request, "target_path", None),
+                },
+            )
             try:
                 return handler(self, request, context)
             except AgentError as exc:

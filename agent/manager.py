@@ -354,6 +354,19 @@ class VolumeManager:
             csr_pem=build_csr(key, spec),
             service_account_token=self._tokens.get(meta.volume_id),
         )
+        log.debug(
+            "requesting certificate",
+            extra={
+                **_log_fields(meta, pod),
+                "operation": operation,
+                "issuer": spec.issuer.describe(),
+                "key": f"{spec.key.algorithm} {spec.key.size or ''}".strip(),
+                "dns_names": list(spec.dns_names),
+                "ip_addresses": list(spec.ip_addresses),
+                "uris": list(spec.uris),
+                "duration_seconds": spec.duration_seconds,
+            },
+        )
         self.metrics.issue_started(issuer.name, operation)
         started = time.monotonic()
         failure: str | None = "error"
@@ -383,7 +396,17 @@ class VolumeManager:
         issued: IssuedCertificate,
     ) -> None:
         """Swap the new files in, mount, record, schedule (lock held)."""
-        write_payload(self._payload_dir(meta), _payload_files(spec, key, issued), _gid(spec, meta))
+        files = _payload_files(spec, key, issued)
+        write_payload(self._payload_dir(meta), files, _gid(spec, meta))
+        log.debug(
+            "payload swapped in",
+            extra={
+                "volume_id": meta.volume_id,
+                "files": sorted(files),
+                "serial": issued.serial_hex,
+                "not_after": issued.not_after.isoformat(),
+            },
+        )
         if meta.mode == "mount":
             self._ensure_mounted(meta)
         not_before = issued.not_before.timestamp()
@@ -422,7 +445,12 @@ class VolumeManager:
         payload = self.store.payload_dir(meta.volume_id)
         target = Path(meta.target_path)
         if self.mounter.is_bind_of(target, payload):
+            log.debug("target already tracks its payload", extra={"volume_id": meta.volume_id})
             return
+        log.debug(
+            "bind-mounting payload read-only",
+            extra={"volume_id": meta.volume_id, "target_path": str(target)},
+        )
         if self.mounter.is_mountpoint(target):
             # Mounted, but not from this payload (a stale bind from an earlier agent): replace it.
             log.warning("re-binding a stale mount", extra={"volume_id": meta.volume_id})
