@@ -451,7 +451,7 @@ class VolumeManager:
             "bind-mounting payload read-only",
             extra={"volume_id": meta.volume_id, "target_path": str(target)},
         )
-        if self.mounter.is_mountpoint(target):
+        if target.exists() and self.mounter.is_mountpoint(target):
             # Mounted, but not from this payload (a stale bind from an earlier agent): replace it.
             log.warning("re-binding a stale mount", extra={"volume_id": meta.volume_id})
             self.mounter.unmount(target)
