@@ -1,0 +1,286 @@
+"""Kubernetes API access: client construction with a client-side rate limit, and retries.
+
+Every request the agent makes goes through ``RateLimitedApiClient.call_api``, so one token bucket
+(``--kube-qps`` / ``--kube-burst``) bounds the agent's load on the API server however many volumes
+it serves. ``with_retries`` turns the API's transient failures (429, 5xx, dropped connections) into
+backoff and its permanent ones into ``agent.errors`` classes with messages a user can act on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+from agent.errors import (
+    Aborted,
+    AgentError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+# Backoff between retries: full jitter over an exponentially growing window, capped.
+BACKOFF_BASE_SECONDS = 0.2
+BACKOFF_CAP_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class KubeSettings:
+    kubeconfig: str | None = None
+    qps: float = 20
+    burst: int = 40
+    request_timeout: float = 30
+
+
+class TokenBucket:
+    """A thread-safe token bucket: ``burst`` requests at once, then ``qps`` per second."""
+
+    def __init__(
+        self,
+        qps: float,
+        burst: int,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if qps <= 0 or burst < 1:
+            raise InvalidArgument(
+                f"kube rate limit needs qps > 0 and burst >= 1, got {qps}/{burst}"
+            )
+        self.qps = float(qps)
+        self.burst = int(burst)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = float(burst)
+        self._stamp = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        """Take one token, sleeping until one is available."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.qps)
+            self._stamp = now
+            # Reserve the token now (the balance may go negative) so waiters queue up fairly.
+            self._tokens -= 1
+            wait = -self._tokens / self.qps if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+
+
+class RateLimitedApiClient(k8s.ApiClient):
+    """An ``ApiClient`` whose every request first takes a token from a shared bucket."""
+
+    def __init__(
+        self, configuration: k8s.Configuration, limiter: TokenBucket, request_timeout: float
+    ) -> None:
+        super().__init__(configuration)
+        self.limiter = limiter
+        self.request_timeout = request_timeout
+
+    def call_api(
+        self,
+        method: str,
+        url: str,
+        header_params: Any = None,
+        body: Any = None,
+        post_params: Any = None,
+        _request_timeout: Any = None,
+    ) -> Any:
+        self.limiter.acquire()
+        return super().call_api(
+            method,
+            url,
+            header_params=header_params,
+            body=body,
+            post_params=post_params,
+            _request_timeout=_request_timeout or self.request_timeout,
+        )
+
+
+def make_api_client(settings: KubeSettings) -> k8s.ApiClient:
+    """In-cluster config when no kubeconfig is given and we run in a pod, else a kubeconfig file.
+
+    ``settings.kubeconfig`` None outside a pod means the client's default (``$KUBECONFIG`` or
+    ``~/.kube/config``).
+    """
+    configuration = k8s.Configuration()
+    try:
+        if settings.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=settings.kubeconfig,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+    except (k8s_config.ConfigException, OSError) as exc:
+        where = settings.kubeconfig or "the in-cluster service account or ~/.kube/config"
+        raise FailedPrecondition(
+            f"cannot load Kubernetes client configuration from {where}: {exc}"
+        ) from exc
+    limiter = TokenBucket(settings.qps, settings.burst)
+    return RateLimitedApiClient(configuration, limiter, settings.request_timeout)
+
+
+def bearer_token_client(api: k8s.ApiClient, token: str) -> k8s.ApiClient:
+    """A client for the same API server that authenticates with ``token`` instead.
+
+    It shares ``api``'s rate limiter, so requests made on behalf of pods count against the
+    agent's budget. The caller closes it.
+    """
+    base = api.configuration
+    configuration = k8s.Configuration(host=base.host)
+    configuration.ssl_ca_cert = base.ssl_ca_cert
+    configuration.verify_ssl = base.verify_ssl
+    configuration.assert_hostname = base.assert_hostname
+    configuration.tls_server_name = base.tls_server_name
+    configuration.proxy = base.proxy
+    configuration.no_proxy = base.no_proxy
+    configuration.proxy_headers = copy.copy(base.proxy_headers)
+    # Only the bearer token: never the agent's own client certificate or exec plugin.
+    configuration.api_key = {"authorization": token}
+    configuration.api_key_prefix = {"authorization": "Bearer"}
+    if isinstance(api, RateLimitedApiClient):
+        return RateLimitedApiClient(configuration, api.limiter, api.request_timeout)
+    return k8s.ApiClient(configuration)
+
+
+class NotFound(FailedPrecondition):
+    """The object (or the API itself) does not exist; callers that expect this catch it."""
+
+
+class Gone(Unavailable):
+    """A resourceVersion is too old (HTTP 410): list again and watch from the new version."""
+
+
+def status_message(exc: ApiException) -> str:
+    """The ``message`` of a Kubernetes Status body, or the HTTP reason."""
+    body = exc.body
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str) and body:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return body[:500]
+        if isinstance(data, dict) and data.get("message"):
+            return str(data["message"])
+    return str(exc.reason or f"HTTP {exc.status}")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Transient: throttled, a server error, or the connection failed or dropped."""
+    if isinstance(exc, ApiException):
+        status = exc.status or 0
+        # status 0: the client's own wrapper around a TLS/connection failure.
+        return status in (0, 429) or status >= 500
+    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+
+
+def retry_after_seconds(exc: BaseException) -> float | None:
+    """The server's Retry-After (seconds) on a 429/503, when it sent one."""
+    headers = getattr(exc, "headers", None)
+    if not headers:
+        return None
+    value = headers.get("Retry-After") if hasattr(headers, "get") else None
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def map_api_error(exc: BaseException, what: str) -> AgentError:
+    """Map a failed API call to the agent error a user (or the caller) can act on.
+
+    ``what`` reads as the action, e.g. ``create certificaterequests.cert-manager.io in
+    namespace "apps"``; it names the RBAC verb and resource for 403s.
+    """
+    if not isinstance(exc, ApiException):
+        return Unavailable(f"Kubernetes API unreachable while trying to {what}: {exc}")
+    status = exc.status or 0
+    message = status_message(exc)
+    if status == 401:
+        return PermissionDenied(
+            f"Kubernetes API rejected the credentials while trying to {what}: {message}"
+        )
+    if status == 403:
+        return PermissionDenied(
+            f"Kubernetes API forbids it to {what}: {message}. Grant that verb on that resource "
+            "to the service account making the call (see docs/cert-manager.md, RBAC)"
+        )
+    if status == 404:
+        return NotFound(f"cannot {what}: not found ({message})")
+    if status == 409:
+        return Aborted(f"conflict while trying to {what}: {message}; retry")
+    if status == 410:
+        return Gone(f"cannot {what}: {message}")
+    if status in (400, 422):
+        return InvalidArgument(f"Kubernetes API refused to {what}: {message}")
+    if is_retryable(exc):
+        return Unavailable(f"Kubernetes API failed to {what} (HTTP {status}): {message}")
+    return Internal(f"unexpected Kubernetes API answer while trying to {what}: {status} {message}")
+
+
+def backoff_delay(attempt: int) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)], at least a few milliseconds."""
+    window = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * (2**attempt))
+    return max(0.01, random.uniform(0, window))
+
+
+def with_retries(
+    call: Callable[[], T],
+    *,
+    what: str,
+    deadline: float,
+    clock: Clock = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``call`` until it succeeds, a permanent error occurs, or ``clock()`` passes ``deadline``.
+
+    Retries 429 (after the server's Retry-After), 5xx and connection errors with exponential
+    backoff and jitter. Raises the ``map_api_error`` mapping of the last error.
+    """
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except AgentError:
+            raise
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise map_api_error(exc, what) from exc
+            delay = retry_after_seconds(exc)
+            if delay is None:
+                delay = backoff_delay(attempt)
+            remaining = deadline - clock()
+            if delay > remaining:
+                raise map_api_error(exc, what) from exc
+            log.info(
+                "Kubernetes API call failed, retrying",
+                extra={"what": what, "error": str(exc)[:200], "delay": round(delay, 3)},
+            )
+            sleep(delay)
+            attempt += 1

@@ -1,0 +1,270 @@
+"""The local CA from a Kubernetes Secret (``--ca-secret NAMESPACE/NAME``), reloaded on change.
+
+The Secret holds ``ca.crt`` and ``ca.key`` (the seed's custom-CA format). A watch on that one
+Secret picks up a rotation without a restart. During a rotation the volumes' ``ca.crt`` carries
+the new CA and the previous one(s), so peers holding certificates from either CA keep trusting
+each other until every volume has been reissued and the manager calls ``retire_previous``.
+A broken update (bad PEM, key not matching) is logged and ignored: the agent keeps signing with
+the last good CA rather than stopping.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from typing import Any, cast
+
+import urllib3
+from kubernetes import client as k8s
+from kubernetes import watch as k8s_watch
+from kubernetes.client.exceptions import ApiException
+
+from agent.ca import CAError, CertificateAuthority, load_ca_pem
+from agent.errors import AgentError, FailedPrecondition
+from agent.kube import NotFound, backoff_delay, is_retryable, map_api_error, with_retries
+
+log = logging.getLogger(__name__)
+
+CERT_KEY = "ca.crt"
+KEY_KEY = "ca.key"
+WATCH_SECONDS = 300  # server-side timeout of one watch; then we simply watch again
+STARTUP_SECONDS = 30.0
+
+Obj = dict[str, Any]
+
+
+class SecretCAProvider:
+    """A ``CAProvider`` backed by a Secret, kept current by a watch thread."""
+
+    def __init__(
+        self,
+        api: k8s.ApiClient,
+        namespace: str,
+        name: str,
+        *,
+        on_change: Callable[[], None] | None = None,
+        startup_timeout: float = STARTUP_SECONDS,
+    ) -> None:
+        self._core = k8s.CoreV1Api(api)
+        self.namespace = namespace
+        self.name = name
+        self._on_change = on_change
+        self._startup_timeout = startup_timeout
+        self._lock = threading.Lock()
+        self._current: CertificateAuthority | None = None
+        self._previous: list[CertificateAuthority] = []
+        self._data: dict[str, str] | None = None
+        self._resource_version: str | None = None
+        self._stop = threading.Event()
+        self._watcher: Any = None
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    @property
+    def source(self) -> str:
+        return f"Secret {self.namespace}/{self.name}"
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        """Load the CA (raises a clear ``FailedPrecondition`` when unusable), then watch."""
+        secret = self._read(time.monotonic() + self._startup_timeout)
+        self._apply(secret, initial=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"ca-secret-{self.namespace}-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is None:
+            return
+        # Cut the watch's socket until the thread notices: it may be between connecting and
+        # getting the response, when there is nothing to cut yet.
+        deadline = time.monotonic() + 10
+        while thread.is_alive() and time.monotonic() < deadline:
+            watcher = self._watcher
+            if watcher is not None:
+                watcher.stop()
+            thread.join(0.05)
+
+    # ---- CAProvider
+
+    def current(self) -> CertificateAuthority:
+        with self._lock:
+            if self._current is None:
+                raise FailedPrecondition(f"the CA from {self.source} is not loaded yet")
+            return self._current
+
+    def trust_bundle_pem(self) -> bytes:
+        """The current CA's trust anchor, then those of CAs it replaced and not yet retired."""
+        with self._lock:
+            if self._current is None:
+                raise FailedPrecondition(f"the CA from {self.source} is not loaded yet")
+            parts: list[bytes] = []
+            for ca in (self._current, *self._previous):
+                if ca.trust_pem not in parts:
+                    parts.append(ca.trust_pem)
+        return b"".join(parts)
+
+    def retire_previous(self) -> None:
+        """Every volume now carries a certificate from the current CA: drop the old ones."""
+        with self._lock:
+            retired = len(self._previous)
+            self._previous.clear()
+        if retired:
+            log.info("retired previous CA(s) from the trust bundle", extra={"count": retired})
+
+    @property
+    def rotating(self) -> bool:
+        """Whether old CAs are still in the trust bundle."""
+        with self._lock:
+            return bool(self._previous)
+
+    # ---- loading
+
+    def _read(self, deadline: float) -> Obj:
+        try:
+            secret = with_retries(
+                lambda: cast(
+                    Obj,
+                    self._core.read_namespaced_secret(
+                        self.name, self.namespace, _preload_content=False
+                    ).json(),
+                ),
+                what=f'get secrets "{self.name}" in namespace "{self.namespace}"',
+                deadline=deadline,
+            )
+        except NotFound as exc:
+            raise FailedPrecondition(
+                f"the CA {self.source} does not exist: create it with keys {CERT_KEY} and "
+                f"{KEY_KEY} (kubectl -n {self.namespace} create secret generic {self.name} "
+                f"--from-file={CERT_KEY}=ca.pem --from-file={KEY_KEY}=ca-key.pem)"
+            ) from exc
+        return secret
+
+    def _decode(self, secret: Obj) -> tuple[bytes, bytes]:
+        data: dict[str, str] = secret.get("data") or {}
+        missing = [k for k in (CERT_KEY, KEY_KEY) if not data.get(k)]
+        if missing:
+            have = ", ".join(sorted(data)) or "none"
+            raise FailedPrecondition(
+                f"the CA {self.source} lacks key(s) {', '.join(missing)} (it has: {have}); it "
+                f"must hold {CERT_KEY} (the CA certificate, PEM) and {KEY_KEY} (its private key)"
+            )
+        try:
+            return base64.b64decode(data[CERT_KEY]), base64.b64decode(data[KEY_KEY])
+        except (binascii.Error, ValueError) as exc:
+            raise FailedPrecondition(f"the CA {self.source} holds invalid base64: {exc}") from exc
+
+    def _apply(self, secret: Obj, *, initial: bool = False) -> None:
+        """Load the Secret's CA; on a later change keep the old CA in the bundle."""
+        data = dict(secret.get("data") or {})
+        self._resource_version = secret.get("metadata", {}).get("resourceVersion")
+        if not initial and data == self._data:
+            return  # metadata-only change
+        try:
+            cert_pem, key_pem = self._decode(secret)
+            ca = load_ca_pem(cert_pem, key_pem, self.source)
+        except (CAError, FailedPrecondition) as exc:
+            if initial:
+                raise
+            self.last_error = exc.message
+            self._data = data
+            log.error(
+                "CA Secret changed but cannot be used; still signing with the previous CA",
+                extra={"secret": self.source, "error": exc.message},
+            )
+            return
+        with self._lock:
+            old = self._current
+            self._data = data
+            self.last_error = None
+            if old is not None and old.cert_pem == ca.cert_pem:
+                self._current = ca
+                return
+            if old is not None:
+                self._previous = [p for p in self._previous if p.cert_pem != ca.cert_pem]
+                self._previous.insert(0, old)
+            self._current = ca
+        log.info(
+            "loaded CA from Secret",
+            extra={"secret": self.source, "subject": ca.certificate.subject.rfc4514_string()},
+        )
+        if not initial and self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:
+                log.exception("CA change callback failed")
+
+    # ---- watching
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._watch_once()
+                failures = 0
+                continue
+            except ApiException as exc:
+                if exc.status == 410:
+                    failures = 0
+                elif not is_retryable(exc):
+                    log.error(
+                        "cannot watch the CA Secret",
+                        extra={"error": map_api_error(exc, self._watch_what()).message},
+                    )
+            except urllib3.exceptions.HTTPError as exc:
+                log.info("CA Secret watch dropped", extra={"error": str(exc)[:200]})
+            except AgentError as exc:
+                log.error("CA Secret watch failed", extra={"error": exc.message})
+            if self._stop.wait(backoff_delay(failures)):
+                return
+            failures += 1
+            self._resync()
+
+    def _watch_what(self) -> str:
+        return f'watch secrets "{self.name}" in namespace "{self.namespace}"'
+
+    def _resync(self) -> None:
+        """After a 410 or a drop: read the Secret again (a change may have been missed)."""
+        try:
+            secret = self._read(time.monotonic() + WATCH_SECONDS)
+        except AgentError as exc:
+            log.error("cannot read the CA Secret", extra={"error": exc.message})
+            return
+        self._apply(secret)
+
+    def _watch_once(self) -> None:
+        watcher = k8s_watch.Watch()  # type: ignore[no-untyped-call]
+        self._watcher = watcher
+        stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
+            self._core.list_namespaced_secret,
+            self.namespace,
+            field_selector=f"metadata.name={self.name}",
+            resource_version=self._resource_version,
+            timeout_seconds=WATCH_SECONDS,
+            _request_timeout=(10, WATCH_SECONDS + 10),
+        )
+        try:
+            for event in stream:
+                if self._stop.is_set():
+                    return
+                raw: Obj = event["raw_object"]
+                if event["type"] == "DELETED":
+                    self._resource_version = raw.get("metadata", {}).get("resourceVersion")
+                    self.last_error = f"the CA {self.source} was deleted"
+                    log.error(
+                        "CA Secret deleted; still signing with the last CA loaded from it",
+                        extra={"secret": self.source},
+                    )
+                elif event["type"] in ("ADDED", "MODIFIED"):
+                    self._apply(raw)
+        finally:
+            stream.close()
+            self._watcher = None
