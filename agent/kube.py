@@ -226,6 +226,9 @@ def map_api_error(exc: BaseException, what: str) -> AgentError:
         return PermissionDenied(
             f"Kubernetes API rejected the credentials while trying to {what}: {message}"
         )
+    if status == 403 and "admission webhook" in message:
+        # A webhook's denial (cert-manager's validation, a policy engine), not RBAC.
+        return InvalidArgument(f"Kubernetes API refused to {what}: {message}")
     if status == 403:
         return PermissionDenied(
             f"Kubernetes API forbids it to {what}: {message}. Grant that verb on that resource "

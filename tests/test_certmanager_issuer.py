@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from agent.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     IssuanceFailed,
     PermissionDenied,
@@ -44,6 +45,7 @@ from agent.kube import (
     RateLimitedApiClient,
     TokenBucket,
     make_api_client,
+    map_api_error,
     with_retries,
 )
 from agent.spec import CertificateSpec, IssuerRef, PodInfo
@@ -509,6 +511,27 @@ def test_request_made_as_the_pods_service_account(
     assert others == {AGENT_USER}  # list, watch and delete stay with the agent
 
 
+def test_cert_manager_not_installed_is_a_clear_error(
+    fake: FakeKube, issuer: CertManagerIssuer
+) -> None:
+    del fake.resources[("cert-manager.io", "certificaterequests")]
+    with pytest.raises(FailedPrecondition) as info:
+        issuer.issue(make_request(csr_for(new_key())), timeout_seconds=10)
+    assert "install cert-manager" in info.value.message
+    assert "the server could not find the requested resource" in info.value.message
+
+
+def test_admission_webhook_denial_is_invalid_argument_not_rbac() -> None:
+    exc = ApiException(status=403, reason="Forbidden")
+    exc.body = (
+        '{"kind":"Status","code":403,"message":"admission webhook \\"webhook.cert-manager.io\\" '
+        'denied the request: spec.isCA: Invalid value"}'
+    )
+    error = map_api_error(exc, "create certificaterequests")
+    assert isinstance(error, InvalidArgument)
+    assert "denied the request: spec.isCA" in error.message
+
+
 def test_created_objects_match_the_crd_schema(fake: FakeKube, issuer: CertManagerIssuer) -> None:
     schema = fake.certificate_requests.schema
     assert schema is not None
@@ -597,3 +620,33 @@ def test_token_bucket_allows_burst_then_qps() -> None:
     assert slept == []
     bucket.acquire()
     assert slept == [0.5]
+
+
+def test_in_cluster_configuration_when_no_kubeconfig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubernetes.config import incluster_config
+
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("in-cluster-token")
+    ca.write_text("placeholder")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    api = make_api_client(KubeSettings(qps=5, burst=7))
+    assert api.configuration.host == "https://10.96.0.1:443"
+    auth = api.configuration.auth_settings()["BearerToken"]
+    assert auth["value"].lower() == "bearer in-cluster-token"
+    assert isinstance(api, RateLimitedApiClient)
+    assert (api.limiter.qps, api.limiter.burst) == (5.0, 7)
+
+
+def test_unreadable_kubeconfig_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    missing = tmp_path / "nope"
+    with pytest.raises(FailedPrecondition) as info:
+        make_api_client(KubeSettings(kubeconfig=str(missing)))
+    assert str(missing) in info.value.message

@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from agent.errors import (
     AgentError,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     IssuanceFailed,
     PermissionDenied,
@@ -59,6 +60,7 @@ ANNOTATION_POD = "cert-agent.io/pod-name"
 
 # Deletions of superseded requests are best effort and get their own short budget.
 CLEANUP_SECONDS = 5.0
+PROBLEM_MEMORY_SECONDS = 120.0
 WATCH_CONNECT_TIMEOUT = 10.0
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -113,7 +115,9 @@ class CertManagerIssuer:
         # reused from memory, because with reuse-private-key an old Ready request of the same key
         # holds the certificate being renewed).
         self._abandoned: dict[str, str] = {}
-        self._api_problem: str | None = None
+        # The last API failure and when; it stops counting after PROBLEM_MEMORY_SECONDS so one
+        # blip does not leave the issuer "not ready" while no volume needs it.
+        self._api_problem: tuple[str, float] | None = None
 
     @property
     def name(self) -> str:
@@ -122,8 +126,8 @@ class CertManagerIssuer:
     def ready(self) -> tuple[bool, str]:
         with self._lock:
             problem = self._api_problem
-        if problem:
-            return False, problem
+        if problem and time.monotonic() - problem[1] < PROBLEM_MEMORY_SECONDS:
+            return False, problem[0]
         return True, ""
 
     # ---- issue
@@ -152,11 +156,15 @@ class CertManagerIssuer:
                 with self._lock:
                     self._abandoned[request.volume_id] = name
                 raise
+            except AgentError:
+                with self._lock:
+                    self._abandoned.pop(request.volume_id, None)
+                raise
             finally:
                 self._api_ok()
         except Unavailable as exc:
             with self._lock:
-                self._api_problem = exc.message
+                self._api_problem = (exc.message, time.monotonic())
             raise
         with self._lock:
             self._abandoned.pop(request.volume_id, None)
@@ -170,17 +178,23 @@ class CertManagerIssuer:
     ) -> tuple[list[Obj], str]:
         """The volume's requests, oldest first, and the list's resourceVersion to watch from."""
         selector = f"{LABEL_VOLUME}={volume_label(volume_id)}"
-        result = with_retries(
-            lambda: cast(
-                Obj,
-                self._objects.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, label_selector=selector
+        try:
+            result = with_retries(
+                lambda: cast(
+                    Obj,
+                    self._objects.list_namespaced_custom_object(
+                        GROUP, VERSION, namespace, PLURAL, label_selector=selector
+                    ),
                 ),
-            ),
-            what=f'list certificaterequests.cert-manager.io in namespace "{namespace}"',
-            deadline=deadline,
-            clock=self._clock,
-        )
+                what=f'list certificaterequests.cert-manager.io in namespace "{namespace}"',
+                deadline=deadline,
+                clock=self._clock,
+            )
+        except NotFound as exc:
+            raise FailedPrecondition(
+                f"the Kubernetes API does not serve {PLURAL}.{GROUP}/{VERSION}: install "
+                f"cert-manager (and its CRDs) to use cert-manager issuers ({exc.message})"
+            ) from exc
         items = [i for i in result.get("items", []) if _annotation_volume(i) in (None, volume_id)]
         items.sort(key=lambda i: i["metadata"].get("creationTimestamp", ""))
         return items, result.get("metadata", {}).get("resourceVersion", "")
@@ -244,12 +258,13 @@ class CertManagerIssuer:
         """The CertificateRequest object for ``request`` (public for tests and docs)."""
         spec = request.spec
         ref = spec.issuer
-        node_label, node_hashed = label_value(request.node_id)
+        node_id = request.node_id or self._node_id
+        node_label, node_hashed = label_value(node_id)
         pod_label, pod_hashed = label_value(request.pod.name)
         annotations = dict(spec.annotations)
         annotations[ANNOTATION_VOLUME] = request.volume_id
         if node_hashed:
-            annotations[ANNOTATION_NODE] = request.node_id
+            annotations[ANNOTATION_NODE] = node_id
         if pod_hashed:
             annotations[ANNOTATION_POD] = request.pod.name
         usages = [u.lower() for u in spec.key_usages]
