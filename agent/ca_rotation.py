@@ -39,16 +39,34 @@ class SecretCARotation:
         log.info("CA secret changed: reissuing every volume's certificate")
         self._reissue_all()
 
-    def note_issued(self, not_befores: Iterable[float | None]) -> None:
-        """Called after each commit with every volume's not_before; retires the old CA when done."""
+    def note_issued(
+        self,
+        not_befores: Callable[[], Iterable[float | None]],
+        rewrite_bundles: Callable[[bytes], int],
+    ) -> None:
+        """After each commit: once every volume holds a certificate issued after the change,
+        retire the old CA and drop it from every volume's ca.crt."""
         with self._lock:
             changed_at = self.changed_at
             if changed_at is None:
                 return
             # Certificates start "now" at whole-second precision; allow that much slack.
-            if all(nb is not None and nb >= changed_at - 1 for nb in not_befores):
-                self.changed_at = None
-            else:
+            if not all(nb is not None and nb >= changed_at - 1 for nb in not_befores()):
                 return
+            self.changed_at = None
+        # The caller holds one volume's lock; the rewrite takes each volume's lock in turn.
+        threading.Thread(
+            target=self._retire, args=(rewrite_bundles,), name="ca-retire", daemon=True
+        ).start()
+
+    def _retire(self, rewrite_bundles: Callable[[bytes], int]) -> None:
         self.provider.retire_previous()
-        log.info("every volume holds a certificate from the new CA; old CA retired")
+        try:
+            count = rewrite_bundles(self.provider.trust_bundle_pem())
+        except Exception:
+            log.exception("could not drop the retired CA from the volumes' ca.crt")
+            return
+        log.info(
+            "every volume holds a certificate from the new CA; old CA retired",
+            extra={"volumes_rewritten": count},
+        )

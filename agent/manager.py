@@ -108,6 +108,8 @@ class VolumeManager:
         self.clock = clock
         self.rng = rng or random.Random()
         self.scheduler: Scheduler = _NoScheduler()
+        # Called after every commit (the CA rotation uses it to learn when it is complete).
+        self.on_commit: Callable[[], None] | None = None
         self._locks = KeyedLocks()
         # Latest service-account token per volume (memory only; see TOKENS_KEY).
         self._tokens: dict[str, str] = {}
@@ -423,6 +425,8 @@ class VolumeManager:
         self.store.clear_pending_key(meta.volume_id)
         self._publish_metrics(meta, pod)
         self.scheduler.schedule(meta.volume_id, meta.next_renewal)
+        if self.on_commit is not None:
+            self.on_commit()
 
     def _publish_metrics(self, meta: VolumeMeta, pod: PodInfo) -> None:
         if meta.not_after is None or meta.next_renewal is None:
@@ -459,6 +463,38 @@ class VolumeManager:
 
     def managed_volumes(self) -> list[str]:
         return self.store.volume_ids()
+
+    def certificate_start_times(self) -> list[float | None]:
+        """notBefore of every volume's certificate (None while its first issue is pending)."""
+        metas = (self.store.load(volume_id) for volume_id in self.store.volume_ids())
+        return [meta.not_before for meta in metas if meta is not None]
+
+    def rewrite_ca_bundles(self, ca_pem: bytes) -> int:
+        """Swap a new CA bundle into every local-CA volume without reissuing; returns the count.
+
+        After a CA rotation completes, this drops the retired CA from the pods' ca.crt at once
+        instead of waiting for each certificate's next renewal.
+        """
+        rewritten = 0
+        for volume_id in self.store.volume_ids():
+            with self._locks.hold(volume_id):
+                meta = self.store.load(volume_id)
+                if meta is None or meta.state != VolumeState.READY:
+                    continue
+                spec, _pod = parse_volume_context(meta.volume_context)
+                if not spec.issuer.is_local:
+                    continue
+                directory = self._payload_dir(meta)
+                names = [spec.files.certificate, spec.files.private_key]
+                if spec.pkcs12 is not None:
+                    names.append(spec.pkcs12.filename)
+                files = {name: read_payload_file(directory, name) for name in names}
+                if any(content is None for content in files.values()):
+                    continue
+                current = {name: content for name, content in files.items() if content}
+                write_payload(directory, {**current, spec.files.ca: ca_pem}, _gid(spec, meta))
+                rewritten += 1
+        return rewritten
 
 
 # ----------------------------------------------------------------------------- functions

@@ -47,6 +47,7 @@ class Agent:
         self._serving = False
         self._stopped = threading.Event()
         self._closers: list[Any] = []
+        self._rotation: Any = None  # agent.ca_rotation.SecretCARotation with --ca-secret
         self.grpc_server: grpc.Server | None = None
         self.health: HealthServer | None = None
 
@@ -83,6 +84,11 @@ class Agent:
         )
         self.scheduler = RenewalScheduler(self.manager.renew, workers=config.renewal_workers)
         self.manager.attach_scheduler(self.scheduler)
+        if self._rotation is not None:
+            rotation, manager = self._rotation, self.manager
+            manager.on_commit = lambda: rotation.note_issued(
+                manager.certificate_start_times, manager.rewrite_ca_bundles
+            )
         recovered = self.manager.recover()
         self.scheduler.start()
         self._closers.append(self.scheduler.stop)
@@ -152,6 +158,7 @@ class Agent:
             rotation = SecretCARotation(api, *config.ca_secret, reissue_all=self._reissue_all)
             rotation.start()
             self._closers.append(rotation.stop)
+            self._rotation = rotation
             return rotation.provider
         return StaticCAProvider(ensure_self_signed_ca(config.data_root / "ca"))
 
