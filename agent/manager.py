@@ -157,7 +157,7 @@ class VolumeManager:
                     updated_at=now,
                 )
                 self.store.save(meta)
-                self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+                self.metrics.set_managed_volumes(self.store.count())
             self._first_issue(meta, spec, pod)
 
     def _first_issue(self, meta: VolumeMeta, spec: CertificateSpec, pod: PodInfo) -> None:
@@ -190,7 +190,7 @@ class VolumeManager:
             _rmdir_if_exists(Path(meta.target_path))
         self.store.remove(meta.volume_id)
         self._tokens.pop(meta.volume_id, None)
-        self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+        self.metrics.set_managed_volumes(self.store.count())
 
     def _check_same_arguments(
         self, meta: VolumeMeta, request: PublishRequest, context: Mapping[str, str]
@@ -233,7 +233,7 @@ class VolumeManager:
             self.store.remove(volume_id)
             self._tokens.pop(volume_id, None)
             self.metrics.remove_volume(volume_id)
-            self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+            self.metrics.set_managed_volumes(self.store.count())
         if meta is not None:
             log.info("unpublished volume", extra={"volume_id": volume_id})
 
@@ -291,7 +291,7 @@ class VolumeManager:
                 self._recover_one(volume_id)
             except Exception:
                 log.exception("could not recover volume", extra={"volume_id": volume_id})
-        self.metrics.set_managed_volumes(len(self.store.volume_ids()))
+        self.metrics.set_managed_volumes(self.store.count())
         return len(volume_ids)
 
     def _recover_one(self, volume_id: str) -> None:

@@ -189,6 +189,14 @@ class VolumeStore:
                 ids.append(name)
         return ids
 
+    def count(self) -> int:
+        """How many volumes have metadata: one stat each, no parsing (for the gauge)."""
+        try:
+            names = os.listdir(self._volumes)
+        except FileNotFoundError:
+            return 0
+        return sum(1 for name in names if os.path.isfile(self._volumes / name / META_FILE))
+
     def load(self, volume_id: str) -> VolumeMeta | None:
         """The volume's metadata, or None when it has none or it is unreadable (logged)."""
         path = self._volume_dir(volume_id) / META_FILE
