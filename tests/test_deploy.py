@@ -235,8 +235,7 @@ def test_rbac_grants_only_what_the_issuers_need(base: list[Doc]) -> None:
     }
     cr = {("cert-manager.io", "certificaterequests", v) for v in ("create", "get", "list")}
     cr |= {("cert-manager.io", "certificaterequests", v) for v in ("watch", "delete")}
-    events = {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
-    assert granted == cr | events
+    assert granted == cr
     assert not any("resourceNames" in rule for rule in rules)
 
     # The CA Secret: read-only, one name, in the agent's namespace, and the one --ca-secret names.
