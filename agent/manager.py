@@ -190,6 +190,7 @@ class VolumeManager:
             _rmdir_if_exists(Path(meta.target_path))
         self.store.remove(meta.volume_id)
         self._tokens.pop(meta.volume_id, None)
+        self.issuers.forget(meta.volume_id)
         self.metrics.set_managed_volumes(self.store.count())
 
     def _check_same_arguments(
@@ -232,6 +233,7 @@ class VolumeManager:
             self._clear_target(target, direct=meta is not None and meta.mode == "direct")
             self.store.remove(volume_id)
             self._tokens.pop(volume_id, None)
+            self.issuers.forget(volume_id)
             self.metrics.remove_volume(volume_id)
             self.metrics.set_managed_volumes(self.store.count())
         if meta is not None:

@@ -190,3 +190,24 @@ def test_local_ca_from_a_secret_rotates_without_a_restart(
         time.sleep(0.1)
     assert all(bundle_subjects(t) == [new_ca.subject] for t in targets)
     assert old_issuer != new_ca.subject
+
+
+def test_request_is_made_as_the_pods_service_account_when_kubelet_passes_a_token(
+    cluster_agent: RunningAgent, fake: FakeKube
+) -> None:
+    import json
+
+    fake.users["pod-token-es-0"] = "system:serviceaccount:elastic:es"
+    pod = cluster_agent.pod("es-0", namespace="elastic", service_account="es")
+    request = pod.request(SEED_ATTRIBUTES)
+    # What kubelet adds when the CSIDriver asks for tokenRequests (audience "").
+    request.volume_context["csi.storage.k8s.io/serviceAccount.tokens"] = json.dumps(
+        {"": {"token": "pod-token-es-0", "expirationTimestamp": "2026-12-01T00:00:00Z"}}
+    )
+    cluster_agent.client.publish(request)
+
+    (created,) = certificate_requests(fake)
+    assert created["spec"]["username"] == "system:serviceaccount:elastic:es"
+    # The token is a credential: it is never written to the volume's metadata.
+    meta = cluster_agent.config.data_root / "volumes" / pod.volume_id / "meta.json"
+    assert "pod-token-es-0" not in meta.read_text()

@@ -130,6 +130,11 @@ class CertManagerIssuer:
             return False, problem[0]
         return True, ""
 
+    def forget(self, volume_id: str) -> None:
+        """The volume is gone: drop what we remembered about its requests."""
+        with self._lock:
+            self._abandoned.pop(volume_id, None)
+
     # ---- issue
 
     def issue(self, request: IssueRequest, timeout_seconds: float) -> IssuedCertificate:

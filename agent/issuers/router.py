@@ -22,5 +22,11 @@ class IssuerRouter:
             )
         return self.cert_manager
 
+    def forget(self, volume_id: str) -> None:
+        """Tell issuers that keep per-volume state that the volume is gone."""
+        forget = getattr(self.cert_manager, "forget", None)
+        if forget is not None:
+            forget(volume_id)
+
     def ready(self) -> tuple[bool, str]:
         return self.local.ready()
