@@ -19,6 +19,7 @@ import pytest
 from agent.client import CSIClient, PodIdentity, pod_volume_context, publish_request
 from agent.config import AgentConfig
 from agent.csi import csi_pb2
+from tests.fakekube import FakeKube, FakeSigner
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -171,6 +172,21 @@ def agent_factory(tmp_path: Path) -> Iterator[type[RunningAgent] | object]:
 @pytest.fixture
 def agent(agent_factory: object) -> RunningAgent:
     return agent_factory()  # type: ignore[operator, no-any-return]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKube]:
+    """An in-process Kubernetes API server speaking the real REST protocol."""
+    with FakeKube() as server:
+        yield server
+
+
+@pytest.fixture
+def signer(fake: FakeKube) -> Iterator[FakeSigner]:
+    """cert-manager's approver and CA issuer, answering the fake API server's requests."""
+    running = FakeSigner(fake).start()
+    yield running
+    running.stop()
 
 
 class AgentProcess:

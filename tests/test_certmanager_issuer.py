@@ -6,7 +6,6 @@ import base64
 import hashlib
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +61,6 @@ POD = PodInfo(
 )
 VOLUME = "csi-" + hashlib.sha256(b"volume-1").hexdigest()
 ISSUER = IssuerRef(name="ca-issuer", kind="Issuer", group="cert-manager.io")
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeKube]:
-    with FakeKube() as server:
-        yield server
-
-
-@pytest.fixture
-def signer(fake: FakeKube) -> Iterator[FakeSigner]:
-    s = FakeSigner(fake).start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ approver and CA issuer. Everything else is the real agent on its real socket wit
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,6 @@ def ca_secret_data(common_name: str) -> tuple[dict[str, bytes], x509.Certificate
         serialization.NoEncryption(),
     )
     return {"ca.crt": pem(cert), "ca.key": key_pem}, cert
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeKube]:
-    with FakeKube() as server:
-        yield server
-
-
-@pytest.fixture
-def signer(fake: FakeKube) -> Iterator[FakeSigner]:
-    running = FakeSigner(fake).start()
-    yield running
-    running.stop()
 
 
 @pytest.fixture
