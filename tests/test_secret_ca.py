@@ -6,7 +6,7 @@ import datetime as dt
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,6 @@ from tests.fakekube import FakeKube, make_test_ca, pem
 
 NS = "cert-agent"
 NAME = "agent-ca"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeKube]:
-    with FakeKube() as server:
-        yield server
 
 
 @pytest.fixture
