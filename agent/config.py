@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from agent import DEFAULT_DRIVER_NAME
+from agent.durations import parse_go_duration
 
 ENV_PREFIX = "CERT_AGENT_"
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
@@ -192,8 +193,6 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
         if setting.kind == "float":
             return float(value)
         if setting.kind == "duration":
-            from agent.attributes import parse_go_duration
-
             seconds = parse_go_duration(str(value))
             if seconds <= 0:
                 raise ValueError("must be positive")
