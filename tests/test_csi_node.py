@@ -369,3 +369,24 @@ def test_without_mounts_the_payload_is_written_into_the_target(
         assert os.listdir(config.data_root / "volumes") == []
     finally:
         running.stop(grace=0)
+
+
+def test_a_publish_while_another_runs_for_the_same_volume_is_aborted(agent: RunningAgent) -> None:
+    from tests.test_rotation import install_flaky
+
+    flaky = install_flaky(agent)
+    flaky.gate.clear()
+    flaky.entered.clear()
+    pod = agent.pod("slow")
+    request = pod.request({"csi.cert-agent.io/dns-names": "slow.example.com"})
+    first = threading.Thread(target=agent.client.publish, args=(request,))
+    first.start()
+    try:
+        assert flaky.entered.wait(10), "the first publish never reached the issuer"
+        error = rpc_error(agent.client.publish, request)
+        assert error.code() == grpc.StatusCode.ABORTED
+        assert "in progress" in (error.details() or "")
+    finally:
+        flaky.gate.set()
+        first.join(10)
+    assert (pod.target / "tls.crt").exists()
