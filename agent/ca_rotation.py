@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from agent.ca import CertificateAuthority
 from agent.secret_ca import SecretCAProvider
 
 log = logging.getLogger(__name__)
@@ -20,12 +21,26 @@ log = logging.getLogger(__name__)
 
 class SecretCARotation:
     def __init__(
-        self, api: Any, namespace: str, name: str, *, reissue_all: Callable[[], None]
+        self,
+        api: Any,
+        namespace: str,
+        name: str,
+        *,
+        reissue_all: Callable[[], None],
+        on_load: Callable[[CertificateAuthority], None] | None = None,
     ) -> None:
         self._reissue_all = reissue_all
         self._lock = threading.Lock()
         self.changed_at: float | None = None
-        self.provider = SecretCAProvider(api, namespace, name, on_change=self._on_change)
+        # A missing Secret at start is not fatal: the agent reports NotReady until it appears.
+        self.provider = SecretCAProvider(
+            api,
+            namespace,
+            name,
+            on_change=self._on_change,
+            on_load=on_load,
+            require_at_start=False,
+        )
 
     def start(self) -> None:
         self.provider.start()

@@ -40,7 +40,7 @@ from agent.keys import (
     load_private_key,
 )
 from agent.locks import KeyedLocks
-from agent.metrics import AgentMetrics
+from agent.metrics import LOCAL_ISSUER, AgentMetrics
 from agent.mounter import Mounter
 from agent.pkcs12 import build_keystore
 from agent.scheduler import renewal_due
@@ -466,10 +466,14 @@ class VolumeManager:
     def managed_volumes(self) -> list[str]:
         return self.store.volume_ids()
 
-    def certificate_start_times(self) -> list[float | None]:
-        """notBefore of every volume's certificate (None while its first issue is pending)."""
+    def local_ca_volumes(self) -> list[VolumeMeta]:
+        """Metadata of the volumes the local CA signs (what a CA rotation must reissue)."""
         metas = (self.store.load(volume_id) for volume_id in self.store.volume_ids())
-        return [meta.not_before for meta in metas if meta is not None]
+        return [meta for meta in metas if meta is not None and meta.issuer == LOCAL_ISSUER]
+
+    def local_certificate_start_times(self) -> list[float | None]:
+        """notBefore of each local-CA certificate (None while its first issue is pending)."""
+        return [meta.not_before for meta in self.local_ca_volumes()]
 
     def rewrite_ca_bundles(self, ca_pem: bytes) -> int:
         """Swap a new CA bundle into every local-CA volume without reissuing; returns the count.
@@ -484,7 +488,7 @@ class VolumeManager:
                 if meta is None or meta.state != VolumeState.READY:
                     continue
                 spec, _pod = parse_volume_context(meta.volume_context)
-                if not spec.issuer.is_local:
+                if meta.issuer != LOCAL_ISSUER:
                     continue
                 directory = self._payload_dir(meta)
                 names = [spec.files.certificate, spec.files.private_key]

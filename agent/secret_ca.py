@@ -47,12 +47,16 @@ class SecretCAProvider:
         name: str,
         *,
         on_change: Callable[[], None] | None = None,
+        on_load: Callable[[CertificateAuthority], None] | None = None,
         startup_timeout: float = STARTUP_SECONDS,
+        require_at_start: bool = True,
     ) -> None:
         self._core = k8s.CoreV1Api(api)
         self.namespace = namespace
         self.name = name
         self._on_change = on_change
+        self._on_load = on_load
+        self._require_at_start = require_at_start
         self._startup_timeout = startup_timeout
         self._lock = threading.Lock()
         self._current: CertificateAuthority | None = None
@@ -71,9 +75,21 @@ class SecretCAProvider:
     # ---- lifecycle
 
     def start(self) -> None:
-        """Load the CA (raises a clear ``FailedPrecondition`` when unusable), then watch."""
-        secret = self._read(time.monotonic() + self._startup_timeout)
-        self._apply(secret, initial=True)
+        """Load the CA, then watch it.
+
+        A missing or unusable Secret raises a clear ``FailedPrecondition`` when
+        ``require_at_start``; otherwise it is logged, ``current()`` reports it until the Secret
+        is fixed, and the watch loads it the moment it appears (so the agent can serve
+        cert-manager volumes and report NotReady instead of crash-looping).
+        """
+        try:
+            secret = self._read(time.monotonic() + self._startup_timeout)
+            self._apply(secret, initial=True)
+        except FailedPrecondition as exc:
+            if self._require_at_start:
+                raise
+            self.last_error = exc.message
+            log.error("local CA not available yet", extra={"error": exc.message})
         self._thread = threading.Thread(
             target=self._run, name=f"ca-secret-{self.namespace}-{self.name}", daemon=True
         )
@@ -98,7 +114,9 @@ class SecretCAProvider:
     def current(self) -> CertificateAuthority:
         with self._lock:
             if self._current is None:
-                raise FailedPrecondition(f"the CA from {self.source} is not loaded yet")
+                raise FailedPrecondition(
+                    self.last_error or f"the CA from {self.source} is not loaded yet"
+                )
             return self._current
 
     def trust_bundle_pem(self) -> bytes:
@@ -176,8 +194,11 @@ class SecretCAProvider:
                 raise
             self.last_error = exc.message
             self._data = data
+            still = (
+                "still signing with the previous CA" if self._current else "nothing to sign with"
+            )
             log.error(
-                "CA Secret changed but cannot be used; still signing with the previous CA",
+                f"CA Secret changed but cannot be used; {still}",
                 extra={"secret": self.source, "error": exc.message},
             )
             return
@@ -196,7 +217,10 @@ class SecretCAProvider:
             "loaded CA from Secret",
             extra={"secret": self.source, "subject": ca.certificate.subject.rfc4514_string()},
         )
-        if not initial and self._on_change is not None:
+        if self._on_load is not None:
+            self._on_load(ca)
+        # A change replaces a CA certificates were issued from; a first load replaces nothing.
+        if old is not None and self._on_change is not None:
             try:
                 self._on_change()
             except Exception:

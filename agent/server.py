@@ -24,6 +24,7 @@ from agent.ca import (
 from agent.config import AgentConfig
 from agent.csi import csi_pb2_grpc
 from agent.csi_service import IdentityServicer, NodeServicer
+from agent.errors import AgentError
 from agent.httpserver import HealthServer
 from agent.issuers.base import Issuer
 from agent.issuers.local import LocalCAIssuer
@@ -65,7 +66,10 @@ class Agent:
             allow_ca=config.allow_ca,
             allowed_namespaces=config.allowed_namespaces,
         )
-        self.metrics.set_ca_expiry(self.local_issuer.ca_not_after().timestamp())
+        try:
+            self.metrics.set_ca_expiry(self.local_issuer.ca_not_after().timestamp())
+        except AgentError as exc:
+            log.error("the local CA cannot sign yet", extra={"error": exc.message})
         cert_manager: Issuer | None = None
         if api is not None:
             from agent.issuers.certmanager import CertManagerIssuer
@@ -87,7 +91,7 @@ class Agent:
         if self._rotation is not None:
             rotation, manager = self._rotation, self.manager
             manager.on_commit = lambda: rotation.note_issued(
-                manager.certificate_start_times, manager.rewrite_ca_bundles
+                manager.local_certificate_start_times, manager.rewrite_ca_bundles
             )
         recovered = self.manager.recover()
         self.scheduler.start()
@@ -155,7 +159,12 @@ class Agent:
                 raise RuntimeError("--ca-secret needs Kubernetes access; drop --standalone")
             from agent.ca_rotation import SecretCARotation
 
-            rotation = SecretCARotation(api, *config.ca_secret, reissue_all=self._reissue_all)
+            rotation = SecretCARotation(
+                api,
+                *config.ca_secret,
+                reissue_all=self._reissue_all,
+                on_load=lambda ca: self.metrics.set_ca_expiry(ca.not_after.timestamp()),
+            )
             rotation.start()
             self._closers.append(rotation.stop)
             self._rotation = rotation
@@ -163,10 +172,9 @@ class Agent:
         return StaticCAProvider(ensure_self_signed_ca(config.data_root / "ca"))
 
     def _reissue_all(self) -> None:
-        """The CA changed: renew every volume now (the scheduler spreads them out)."""
-        self.metrics.set_ca_expiry(self.local_issuer.ca_not_after().timestamp())
-        for volume_id in self.manager.managed_volumes():
-            self.scheduler.schedule(volume_id, 0.0)
+        """The local CA changed: renew its volumes now (the renewal workers bound the rate)."""
+        for meta in self.manager.local_ca_volumes():
+            self.scheduler.schedule(meta.volume_id, 0.0)
 
     def _start_grpc(self) -> None:
         socket_path = self.config.socket_path

@@ -62,8 +62,8 @@ class IssuerRef:
 
     def describe(self) -> str:
         """A short label for logs, metrics and messages: ``local`` or ``Kind/name.group``."""
-        if self.name is None:
-            return "local"
+        if self.is_local:
+            return "local"  # there is one local CA, however a volume names it
         return f"{self.kind}/{self.name}.{self.group}"
 
 

@@ -148,6 +148,9 @@ def test_local_ca_from_a_secret_rotates_without_a_restart(
         pod = cluster_agent.pod(name, namespace="elastic")
         targets.append(cluster_agent.publish(pod, {"csi.cert-agent.io/dns-names": f"{name}.x"}))
     old_issuer = x509.load_pem_x509_certificate((targets[0] / "tls.crt").read_bytes()).issuer
+    # A cert-manager volume beside them: the local CA's rotation neither touches nor waits on it.
+    other = cluster_agent.publish(cluster_agent.pod("es-9", namespace="elastic"), SEED_ATTRIBUTES)
+    other_serial = (other / "tls.crt").read_bytes()
 
     data, new_ca = ca_secret_data("rotated local CA")
     fake.put_secret(*CA_SECRET, data)
@@ -176,6 +179,50 @@ def test_local_ca_from_a_secret_rotates_without_a_restart(
         time.sleep(0.1)
     assert all(bundle_subjects(t) == [new_ca.subject] for t in targets)
     assert old_issuer != new_ca.subject
+    assert (other / "tls.crt").read_bytes() == other_serial
+
+
+def test_agent_starts_without_the_ca_secret_and_becomes_ready_when_it_appears(
+    fake: FakeKube,
+    signer: FakeSigner,
+    tmp_path: Path,
+    agent_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+    agent: RunningAgent = agent_factory(
+        standalone=False, kubeconfig=str(kubeconfig), ca_secret=CA_SECRET
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(agent.metrics_url + "/readyz", timeout=5)
+    assert info.value.code == 503
+    assert "cert-agent/cert-agent-ca does not exist" in info.value.read().decode()
+
+    local = agent.pod("web-0")
+    with pytest.raises(grpc.RpcError) as error:
+        agent.client.publish(local.request({"csi.cert-agent.io/dns-names": "web-0.x"}))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "does not exist" in (error.value.details() or "")
+    assert not local.target.exists()
+    # cert-manager volumes do not need the local CA.
+    agent.publish(agent.pod("es-0", namespace="elastic"), SEED_ATTRIBUTES)
+
+    data, ca = ca_secret_data("late local CA")
+    fake.put_secret(*CA_SECRET, data)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(agent.metrics_url + "/readyz", timeout=5):
+                break
+        except urllib.error.HTTPError:
+            time.sleep(0.1)
+    target = agent.publish(local, {"csi.cert-agent.io/dns-names": "web-0.x"})
+    issuer = x509.load_pem_x509_certificate((target / "tls.crt").read_bytes()).issuer
+    assert issuer == ca.subject
 
 
 def test_request_is_made_as_the_pods_service_account_when_kubelet_passes_a_token(
