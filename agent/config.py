@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from agent import DEFAULT_DRIVER_NAME
 from agent.durations import parse_go_duration
 
 ENV_PREFIX = "CERT_AGENT_"
+# CSI GetPluginInfo: at most 63 characters, alphanumeric at both ends, dashes and dots between.
+_DRIVER_NAME_RE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_METRICS_ADDRESS = ":9402"
 
@@ -224,6 +227,11 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
             )
         node_id = os.uname().nodename
     driver_name = raw["driver-name"]
+    if not _DRIVER_NAME_RE.fullmatch(driver_name):
+        raise ConfigError(
+            f"--driver-name {driver_name!r} must be a domain-style name of at most 63 characters "
+            "that starts and ends with a letter or digit (CSI spec), such as csi.cert-agent.io"
+        )
     data_root = Path(raw["data-root"] or f"/var/lib/kubelet/plugins/{driver_name}/data")
     if not data_root.is_absolute():
         data_root = data_root.resolve()

@@ -1,0 +1,68 @@
+"""Configuration: flags over environment over the YAML file over defaults, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli import build_parser
+from agent.config import ConfigError, resolve
+
+
+def resolve_args(*argv: str, environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return resolve(build_parser().parse_args(["serve", *argv]), environ=environ or {})
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("node-id: from-file\nmax-duration: 24h\nallow_ca: true\nkube-qps: 5\n")
+    env = {"CERT_AGENT_NODE_ID": "from-env", "CERT_AGENT_MAX_DURATION": "48h"}
+    resolved = resolve_args("--standalone", "--config", str(config), environ=env)
+    assert resolved.node_id == "from-env"
+    assert resolved.max_duration_seconds == 48 * 3600
+    assert resolved.allow_ca is True
+    assert resolved.kube_qps == 5.0
+    flagged = resolve_args(
+        "--standalone", "--config", str(config), "--node-id", "from-flag", environ=env
+    )
+    assert flagged.node_id == "from-flag"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ca-dir", "/x"], "--node-id is required"),
+        (["--node-id", "n"], "no local CA configured"),
+        (["--standalone", "--ca-cert-file", "/a"], "must be given together"),
+        (["--standalone", "--ca-dir", "/a", "--ca-secret", "ns/n"], "choose one CA source"),
+        (["--standalone", "--ca-secret", "no-slash"], "NAMESPACE/NAME"),
+        (["--standalone", "--endpoint", "tcp://x:1"], "unix:///"),
+        (["--standalone", "--max-duration", "90d"], "--max-duration"),
+        (["--standalone", "--driver-name=bad_name."], "--driver-name"),
+        (["--standalone", "--driver-name", "a" * 64], "63 characters"),
+        (["--standalone", "--log-format", "xml"], "--log-format"),
+        (["--standalone", "--renewal-workers", "0"], "--renewal-workers"),
+    ],
+)
+def test_invalid_settings_name_the_setting(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_args(*argv)
+    assert message in str(info.value)
+
+
+def test_unknown_config_file_keys_are_errors(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("node-id: a\nmax-durration: 1h\n")
+    with pytest.raises(ConfigError) as info:
+        resolve_args("--standalone", "--config", str(config))
+    assert "max-durration" in str(info.value)
+
+
+def test_serve_exits_2_with_the_reason_on_bad_configuration(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from agent.cli import main
+
+    assert main(["serve", "--node-id", "n"]) == 2
+    assert "no local CA configured" in capsys.readouterr().err
