@@ -13,7 +13,7 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,45 +101,6 @@ class StaticCAProvider:
 
     def trust_bundle_pem(self) -> bytes:
         return self._ca.trust_pem
-
-
-class DirectoryCAProvider:
-    """A CA from a directory (a mounted Secret) that is reloaded when its files change.
-
-    kubelet updates a mounted Secret by swapping a symlink, so the resolved files' identity
-    (inode, size, mtime) is compared on each call; parsing happens only after a change. A broken
-    update raises ``CAError`` rather than silently signing with the old CA.
-    """
-
-    def __init__(self, directory: Path, clock: Callable[[], dt.datetime] = utcnow) -> None:
-        self._directory = directory
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._stamp: tuple[tuple[int, int, int], ...] | None = None
-        self._ca: CertificateAuthority | None = None
-
-    def current(self) -> CertificateAuthority:
-        with self._lock:
-            stamp = self._fingerprint()
-            if self._ca is None or stamp != self._stamp:
-                self._ca = load_ca_dir(self._directory, now=self._clock())
-                self._stamp = stamp
-                log.info("loaded CA %s from %s", _describe(self._ca.certificate), self._directory)
-            return self._ca
-
-    def trust_bundle_pem(self) -> bytes:
-        return self.current().trust_pem
-
-    def _fingerprint(self) -> tuple[tuple[int, int, int], ...]:
-        stamps = []
-        for name in ("ca.crt", "ca.key", "tls.crt", "tls.key"):
-            try:
-                st = (self._directory / name).stat()
-            except FileNotFoundError:
-                stamps.append((0, 0, 0))
-            else:
-                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(stamps)
 
 
 def load_ca_pem(

@@ -22,7 +22,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from agent.ca import (
     CAError,
     CertificateAuthority,
-    DirectoryCAProvider,
     StaticCAProvider,
     ensure_self_signed_ca,
     load_ca_dir,
@@ -257,32 +256,6 @@ def test_chain_out_of_order_is_refused(tmp_path: Path) -> None:
     other_root = ensure_self_signed_ca(tmp_path / "other").cert_pem
     with pytest.raises(CAError, match="out of order"):
         load_ca_pem(int_crt.read_bytes() + other_root, int_key.read_bytes(), "bundle")
-
-
-def test_directory_provider_reloads_on_change(tmp_path: Path) -> None:
-    secret = tmp_path / "secret"
-    first = ensure_self_signed_ca(secret)
-    provider = DirectoryCAProvider(secret)
-    assert provider.current().certificate == first.certificate
-    issuer = LocalCAIssuer(provider)
-    assert issuer.ready() == (True, "")
-
-    second = ensure_self_signed_ca(tmp_path / "second")
-    # Like kubelet's Secret update: new files renamed into place.
-    for name in ("ca.key", "ca.crt"):
-        shutil.copy(tmp_path / "second" / name, secret / f".{name}.new")
-        os.replace(secret / f".{name}.new", secret / name)
-    assert provider.current().certificate == second.certificate
-    assert provider.trust_bundle_pem() == second.cert_pem
-
-    (secret / "ca.key").write_bytes(first.private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))  # fmt: skip
-    ready, why = issuer.ready()
-    assert not ready and "does not match" in why
-    with pytest.raises(CAError):
-        issue(issuer, CertificateSpec(dns_names=("x.example",), key=EC_KEY))
 
 
 # --- issuing ----------------------------------------------------------------------------------
