@@ -134,3 +134,43 @@ def test_make_run_defaults_start_without_flags_beyond_standalone(tmp_path: Path)
     assert config.node_id == os.uname().nodename
     assert config.metrics_address == ":9402"
     assert str(config.data_root).startswith("/var/lib/kubelet/plugins/csi.cert-agent.io")
+
+
+def test_a_first_issue_that_never_finished_is_finished_on_start(
+    agent_process: object, tmp_path: Path
+) -> None:
+    """The agent died between saving a new volume's metadata and writing its certificate."""
+    import time
+
+    from agent.client import PodIdentity, kubelet_volume_id, pod_volume_context
+    from agent.store import VolumeMeta, VolumeState, VolumeStore
+
+    # A first run mounts the payload tmpfs; the unfinished volume is then left inside it.
+    agent_process().stop()  # type: ignore[operator]
+    target = tmp_path / "pods" / "es-0" / "mount"
+    target.parent.mkdir(parents=True)
+    volume_id = kubelet_volume_id(str(target.parent), target.name)
+    pod = PodIdentity("es-0", "elastic", "uid-1", "default")
+    context = pod_volume_context(pod, {"csi.cert-agent.io/dns-names": "es-0.example.com"})
+    VolumeStore(tmp_path / "data").save(
+        VolumeMeta(
+            volume_id=volume_id,
+            target_path=str(target),
+            volume_context=context,
+            readonly=True,
+            volume_mount_group=None,
+            node_id="node-1",
+            state=VolumeState.ISSUING,
+            mode="mount" if IS_ROOT else "direct",
+        )
+    )
+
+    agent = agent_process()  # type: ignore[operator]
+    deadline = time.monotonic() + 15
+    while not (target / "tls.crt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ca, crt = str(target / "ca.crt"), str(target / "tls.crt")
+    assert "OK" in openssl("verify", "-CAfile", ca, crt)
+    meta = VolumeStore(tmp_path / "data").load(volume_id)
+    assert meta is not None and meta.state == VolumeState.READY
+    assert '"published volume"' in agent.stop()
