@@ -14,12 +14,14 @@ WORKDIR /src
 RUN python -m venv /opt/cert-agent \
  && /opt/cert-agent/bin/pip install --no-cache-dir pip==25.3 build==1.3.0
 # Only what the wheel needs; the generated gRPC/protobuf code is committed under agent/csi/.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY agent ./agent
+# constraints.txt pins every runtime dependency, so the image is the same on every build.
 # Every dependency ships manylinux wheels, so no compiler is needed here either; --only-binary
 # makes a missing wheel fail the build instead of pulling in a toolchain.
 RUN /opt/cert-agent/bin/python -m build --wheel --outdir /dist . \
- && /opt/cert-agent/bin/pip install --no-cache-dir --only-binary=:all: /dist/*.whl \
+ && /opt/cert-agent/bin/pip install --no-cache-dir --only-binary=:all: \
+        --constraint constraints.txt /dist/*.whl \
  && /opt/cert-agent/bin/pip uninstall --yes build pip \
  && /opt/cert-agent/bin/python -m compileall -q /opt/cert-agent
 

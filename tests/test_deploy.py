@@ -664,3 +664,25 @@ def test_dockerfile_is_multi_stage_without_compilers() -> None:
     ]
     assert ignored[0] == "*" and "!agent/" in ignored and "!pyproject.toml" in ignored
     assert (REPO / "agent" / "csi" / "csi_pb2.py").exists()
+
+
+def test_image_pins_every_runtime_dependency() -> None:
+    """constraints.txt pins each dependency pyproject declares, in versions it allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins: dict[str, str] = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt line {line!r} is not an exact pin"
+            pins[name.lower().replace("_", "-")] = version
+    for text in declared:
+        requirement = Requirement(text)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {text}"
+    assert "--constraint constraints.txt" in (REPO / "Dockerfile").read_text()
+    assert "!constraints.txt" in (REPO / ".dockerignore").read_text()
