@@ -85,3 +85,28 @@ def test_no_key_material_reaches_the_log_at_debug_level(
     for key_text in (ca_key, first_key.decode(), (target / "tls.key").read_text()):
         body = [line for line in key_text.splitlines() if "-----" not in line]
         assert body and not any(line in log for line in body)
+
+
+def test_grpc_calls_are_counted_by_method_and_code(agent: RunningAgent) -> None:
+    pod = agent.pod("web-0")
+    agent.publish(pod, {"csi.cert-agent.io/dns-names": "web-0.example.com"})
+    with pytest.raises(grpc.RpcError):
+        agent.client.publish(agent.pod("bad").request({"csi.cert-agent.io/dns-names": "a_b"}))
+    status, metrics = http_get(agent.metrics_url + "/metrics")
+    assert status == 200
+    lines = metrics.splitlines()
+    assert 'cert_agent_grpc_requests_total{code="OK",method="NodePublishVolume"} 1.0' in lines
+    assert (
+        'cert_agent_grpc_requests_total{code="INVALID_ARGUMENT",method="NodePublishVolume"} 1.0'
+        in lines
+    )
+    assert 'cert_agent_issue_attempts_total{issuer="local",operation="issue"} 1.0' in lines
+    assert any(
+        line.startswith(
+            'cert_agent_grpc_request_duration_seconds_count{method="NodePublishVolume"}'
+        )
+        and line.endswith(" 2.0")
+        for line in lines
+    )
+    assert "cert_agent_managed_volumes 1.0" in lines
+    assert any(line.startswith("cert_agent_ca_expiry_timestamp_seconds ") for line in lines)
