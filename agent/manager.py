@@ -8,6 +8,7 @@ failure: the old files stay until new ones are complete.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -25,6 +26,7 @@ from agent.attributes import parse_volume_context
 from agent.csr import build_csr
 from agent.errors import (
     AgentError,
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -206,8 +208,6 @@ class VolumeManager:
         if meta.volume_mount_group != request.volume_mount_group:
             differences.append("volume_mount_group")
         if differences:
-            from agent.errors import AlreadyExists
-
             raise AlreadyExists(
                 f"volume {meta.volume_id} is already published with different "
                 f"{', '.join(differences)}"
@@ -525,8 +525,6 @@ def _pick_token(tokens_json: str | None) -> str | None:
     """The first service-account token kubelet passed (CSIDriver tokenRequests), if any."""
     if not tokens_json:
         return None
-    import json
-
     try:
         tokens = json.loads(tokens_json)
     except ValueError:
