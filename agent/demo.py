@@ -174,11 +174,10 @@ def _wait_for_socket(path: Path, agent: subprocess.Popen[bytes]) -> None:
 def _unmount_below(root: Path) -> None:
     if os.geteuid() != 0:
         return
-    from agent.mounter import read_mountinfo
+    from agent.mounter import mount_points_below
 
-    points = [m.mount_point for m in read_mountinfo() if str(m.mount_point).startswith(str(root))]
-    for point in sorted(points, key=lambda p: len(str(p)), reverse=True):
-        subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+    for point in mount_points_below(root):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 if __name__ == "__main__":

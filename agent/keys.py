@@ -99,15 +99,6 @@ def key_matches_spec(key: PrivateKey, spec: KeySpec) -> bool:
     return False
 
 
-def describe_key(key: PrivateKey) -> str:
-    """A short label such as ``RSA 2048``, ``ECDSA 256`` or ``Ed25519`` (for messages)."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        return f"RSA {key.key_size}"
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return f"ECDSA {key.curve.key_size}"
-    return "Ed25519"
-
-
 def signing_hash(key: PrivateKey) -> hashes.SHA256 | None:
     """The digest to sign with: SHA-256 for RSA and ECDSA, none for Ed25519 (it hashes itself)."""
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()

@@ -463,13 +463,9 @@ class VolumeManager:
             self.mounter.unmount(target)
         self.mounter.bind_readonly(payload, target)
 
-    def managed_volumes(self) -> list[str]:
-        return self.store.volume_ids()
-
     def local_ca_volumes(self) -> list[VolumeMeta]:
         """Metadata of the volumes the local CA signs (what a CA rotation must reissue)."""
-        metas = (self.store.load(volume_id) for volume_id in self.store.volume_ids())
-        return [meta for meta in metas if meta is not None and meta.issuer == LOCAL_ISSUER]
+        return [meta for meta in self.store.metas() if meta.issuer == LOCAL_ISSUER]
 
     def local_certificate_start_times(self) -> list[float | None]:
         """notBefore of each local-CA certificate (None while its first issue is pending)."""

@@ -105,6 +105,17 @@ def read_mountinfo() -> list[MountInfo]:
         return parse_mountinfo(os.fsdecode(f.read()))
 
 
+def mount_points_below(root: Path) -> list[str]:
+    """Mount points at or below ``root``, deepest first (the order to unmount them in)."""
+    top = os.path.realpath(root)
+    points = {
+        m.mount_point
+        for m in read_mountinfo()
+        if m.mount_point == top or m.mount_point.startswith(top.rstrip("/") + "/")
+    }
+    return sorted(points, key=len, reverse=True)
+
+
 def _real(path: Path) -> str | None:
     """The absolute, symlink-free path, or None when it does not exist."""
     real = os.path.realpath(path)

@@ -172,22 +172,27 @@ class VolumeStore:
 
     def volume_ids(self) -> list[str]:
         """Ids of volumes with readable metadata; corrupt ones are logged and skipped."""
+        return [meta.volume_id for meta in self.metas()]
+
+    def metas(self) -> list[VolumeMeta]:
+        """Every volume's readable metadata, read once each, in volume-id order."""
         try:
             names = sorted(os.listdir(self._volumes))
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise Internal(f"cannot list volumes in {self._volumes}: {exc.strerror}") from exc
-        ids = []
+        metas = []
         for name in names:
             try:
                 validate_volume_id(name)
             except InvalidArgument:
                 log.warning("ignoring unexpected entry %r in %s", name, self._volumes)
                 continue
-            if self.load(name) is not None:
-                ids.append(name)
-        return ids
+            meta = self.load(name)
+            if meta is not None:
+                metas.append(meta)
+        return metas
 
     def count(self) -> int:
         """How many volumes have metadata: one stat each, no parsing (for the gauge)."""

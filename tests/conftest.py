@@ -16,9 +16,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.client import CSIClient, PodIdentity, pod_volume_context, publish_request
+from agent.client import (
+    CSIClient,
+    PodIdentity,
+    kubelet_volume_id,
+    pod_volume_context,
+    publish_request,
+)
 from agent.config import AgentConfig
 from agent.csi import csi_pb2
+from agent.mounter import mount_points_below
 from tests.fakekube import FakeKube, FakeSigner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,14 +43,7 @@ def unmount_below(root: Path) -> None:
     """Unmount everything mounted at or below root, deepest first (test cleanup)."""
     if not IS_ROOT:
         return
-    root_text = str(root)
-    points = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == root_text or point.startswith(root_text + "/"):
-                points.append(point)
-    for point in sorted(points, key=len, reverse=True):
+    for point in mount_points_below(root):
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
@@ -93,9 +93,7 @@ class Pod:
 
     @property
     def volume_id(self) -> str:
-        import hashlib
-
-        return "csi-" + hashlib.sha256(f"{self.uid}/{self.volume_name}".encode()).hexdigest()
+        return kubelet_volume_id(self.uid, self.volume_name)
 
     @property
     def target(self) -> Path:
