@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from agent.logs import configure_logging
+    from agent.observe.logs import configure_logging
 
     try:
         config = resolve(args)

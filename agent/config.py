@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from agent import DEFAULT_DRIVER_NAME
-from agent.durations import parse_go_duration
+from agent.spec.durations import parse_go_duration
 
 ENV_PREFIX = "CERT_AGENT_"
 # CSI GetPluginInfo: at most 63 characters, alphanumeric at both ends, dashes and dots between.

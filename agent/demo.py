@@ -174,7 +174,7 @@ def _wait_for_socket(path: Path, agent: subprocess.Popen[bytes]) -> None:
 def _unmount_below(root: Path) -> None:
     if os.geteuid() != 0:
         return
-    from agent.mounter import mount_points_below
+    from agent.volumes.mounter import mount_points_below
 
     for point in mount_points_below(root):
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)

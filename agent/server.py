@@ -14,26 +14,26 @@ from typing import Any
 import grpc
 
 from agent import __version__
-from agent.ca import (
+from agent.config import AgentConfig
+from agent.csi import csi_pb2_grpc
+from agent.csi.service import IdentityServicer, NodeServicer
+from agent.errors import AgentError
+from agent.issuers.base import Issuer
+from agent.issuers.local import LocalCAIssuer
+from agent.issuers.router import IssuerRouter
+from agent.observe.httpserver import HealthServer
+from agent.observe.metrics import AgentMetrics
+from agent.pki.ca import (
     CAProvider,
     StaticCAProvider,
     ensure_self_signed_ca,
     load_ca_dir,
     load_ca_files,
 )
-from agent.config import AgentConfig
-from agent.csi import csi_pb2_grpc
-from agent.csi_service import IdentityServicer, NodeServicer
-from agent.errors import AgentError
-from agent.httpserver import HealthServer
-from agent.issuers.base import Issuer
-from agent.issuers.local import LocalCAIssuer
-from agent.issuers.router import IssuerRouter
-from agent.manager import VolumeManager
-from agent.metrics import AgentMetrics
-from agent.mounter import Mounter, detect_mounter
-from agent.scheduler import RenewalScheduler
-from agent.store import VolumeStore
+from agent.volumes.manager import VolumeManager
+from agent.volumes.mounter import Mounter, detect_mounter
+from agent.volumes.scheduler import RenewalScheduler
+from agent.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Agent:
         self._serving = False
         self._stopped = threading.Event()
         self._closers: list[Any] = []
-        self._rotation: Any = None  # agent.ca_rotation.SecretCARotation with --ca-secret
+        self._rotation: Any = None  # agent.issuers.ca_rotation.SecretCARotation with --ca-secret
         self.grpc_server: grpc.Server | None = None
         self.health: HealthServer | None = None
 
@@ -138,7 +138,7 @@ class Agent:
             )
 
     def _kubernetes_client(self) -> Any:
-        from agent.kube import KubeSettings, make_api_client
+        from agent.kube.client import KubeSettings, make_api_client
 
         return make_api_client(
             KubeSettings(
@@ -157,7 +157,7 @@ class Agent:
         if config.ca_secret:
             if api is None:
                 raise RuntimeError("--ca-secret needs Kubernetes access; drop --standalone")
-            from agent.ca_rotation import SecretCARotation
+            from agent.issuers.ca_rotation import SecretCARotation
 
             rotation = SecretCARotation(
                 api,

@@ -40,10 +40,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.ca import CertificateAuthority
 from agent.client import CSIClient
-from agent.logs import configure_logging
-from agent.mounter import read_mountinfo
+from agent.observe.logs import configure_logging
+from agent.pki.ca import CertificateAuthority
+from agent.volumes.mounter import read_mountinfo
 from tests.conftest import IS_ROOT, REPO, AgentProcess, Pod, RunningAgent, unmount_below
 
 ECDSA_ATTRIBUTES = {

@@ -25,7 +25,7 @@ from agent.client import (
 )
 from agent.config import AgentConfig
 from agent.csi import csi_pb2
-from agent.mounter import mount_points_below
+from agent.volumes.mounter import mount_points_below
 from tests.fakekube import FakeKube, FakeSigner
 
 REPO = Path(__file__).resolve().parents[1]

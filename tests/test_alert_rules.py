@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from agent.metrics import AgentMetrics
+from agent.observe.metrics import AgentMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 RULE_FILE = REPO / "deploy" / "base" / "prometheusrule.yaml"

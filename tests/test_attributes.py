@@ -1,4 +1,4 @@
-"""Tests for agent.attributes / agent.templating: volume_context -> CertificateSpec."""
+"""Tests for agent.spec.attributes / agent.spec.templating: volume_context -> CertificateSpec."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from cryptography import x509
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from agent.attributes import (
+from agent.errors import InvalidArgument
+from agent.pki.csr import build_csr, build_general_names, build_subject, usages_to_extensions
+from agent.pki.keys import generate_private_key
+from agent.spec.attributes import (
     ATTRIBUTE_NAMES,
     COMPAT_PREFIX,
     KEY_USAGES,
@@ -23,10 +26,7 @@ from agent.attributes import (
     parse_go_duration,
     parse_volume_context,
 )
-from agent.csr import build_csr, build_general_names, build_subject, usages_to_extensions
-from agent.errors import InvalidArgument
-from agent.keys import generate_private_key
-from agent.spec import (
+from agent.spec.model import (
     DEFAULT_DURATION_SECONDS,
     CertificateSpec,
     FileNames,

@@ -38,7 +38,7 @@ from agent.issuers.certmanager import (
     CertManagerIssuer,
     go_duration,
 )
-from agent.kube import (
+from agent.kube.client import (
     KubeSettings,
     NotFound,
     RateLimitedApiClient,
@@ -47,7 +47,7 @@ from agent.kube import (
     map_api_error,
     with_retries,
 )
-from agent.spec import CertificateSpec, IssuerRef, PodInfo
+from agent.spec.model import CertificateSpec, IssuerRef, PodInfo
 from tests.fakekube import (
     AGENT_USER,
     FakeKube,
@@ -172,9 +172,9 @@ def test_cluster_issuer_from_cert_manager_attributes(
     fake: FakeKube, signer: FakeSigner, issuer: CertManagerIssuer, tmp_path: Path
 ) -> None:
     """The seed's manifest: csi.cert-manager.io/* attributes naming a ClusterIssuer."""
-    from agent.attributes import parse_volume_context
-    from agent.csr import build_csr
-    from agent.keys import generate_private_key
+    from agent.pki.csr import build_csr
+    from agent.pki.keys import generate_private_key
+    from agent.spec.attributes import parse_volume_context
 
     spec, pod = parse_volume_context(
         {

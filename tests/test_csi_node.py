@@ -346,8 +346,8 @@ def test_without_mounts_the_payload_is_written_into_the_target(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What a person gets from `make run` without root: files straight in target_path."""
-    from agent.mounter import NoMounter
     from agent.server import Agent
+    from agent.volumes.mounter import NoMounter
     from tests.conftest import CSIClient, make_config
 
     config = make_config(tmp_path)

@@ -539,7 +539,7 @@ def test_probe_paths_are_served_by_the_agent() -> None:
     """The manifests' probe and scrape paths against the agent's real HTTP server."""
     from prometheus_client import CollectorRegistry
 
-    from agent.httpserver import HealthServer
+    from agent.observe.httpserver import HealthServer
 
     state = {"ready": True}
     server = HealthServer(
@@ -587,7 +587,7 @@ def _csi_volumes(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
 
 @pytest.mark.parametrize("example", ["elasticsearch", "nginx-mtls"])
 def test_example_volumes_are_accepted_by_the_attribute_parser(example: str) -> None:
-    from agent.attributes import parse_volume_context
+    from agent.spec.attributes import parse_volume_context
 
     docs = render(EXAMPLES / example)
     volumes = list(_csi_volumes(docs))

@@ -13,24 +13,24 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.ca import StaticCAProvider, ensure_self_signed_ca
-from agent.csr import (
+from agent.errors import InvalidArgument
+from agent.issuers.base import IssueRequest
+from agent.issuers.local import LocalCAIssuer
+from agent.pki.ca import StaticCAProvider, ensure_self_signed_ca
+from agent.pki.csr import (
     KNOWN_USAGES,
     build_csr,
     der_utf8_string,
     usages_to_extensions,
 )
-from agent.errors import InvalidArgument
-from agent.issuers.base import IssueRequest
-from agent.issuers.local import LocalCAIssuer
-from agent.keys import (
+from agent.pki.keys import (
     encode_private_key,
     generate_private_key,
     key_matches_spec,
     load_private_key,
 )
-from agent.pkcs12 import build_keystore
-from agent.spec import (
+from agent.pki.pkcs12 import build_keystore
+from agent.spec.model import (
     CertificateSpec,
     KeyAlgorithm,
     KeyEncoding,

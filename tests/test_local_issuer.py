@@ -19,7 +19,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.ca import (
+from agent.errors import FailedPrecondition, InvalidArgument, IssuanceFailed, PermissionDenied
+from agent.issuers.base import IssuedCertificate, IssueRequest
+from agent.issuers.local import LocalCAIssuer
+from agent.pki.ca import (
     CAError,
     CertificateAuthority,
     StaticCAProvider,
@@ -28,12 +31,9 @@ from agent.ca import (
     load_ca_files,
     load_ca_pem,
 )
-from agent.csr import build_csr
-from agent.errors import FailedPrecondition, InvalidArgument, IssuanceFailed, PermissionDenied
-from agent.issuers.base import IssuedCertificate, IssueRequest
-from agent.issuers.local import LocalCAIssuer
-from agent.keys import PrivateKey, encode_private_key, generate_private_key
-from agent.spec import (
+from agent.pki.csr import build_csr
+from agent.pki.keys import PrivateKey, encode_private_key, generate_private_key
+from agent.spec.model import (
     CertificateSpec,
     KeyAlgorithm,
     KeyEncoding,

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from agent.logs import REDACTED, configure_logging, redact
+from agent.observe.logs import REDACTED, configure_logging, redact
 
 LEVELS = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL]
 
@@ -75,7 +75,7 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
 def test_json_shape_with_extras_and_exception() -> None:
     stream = io.StringIO()
     configure_logging("info", "json", stream=stream)
-    log = logging.getLogger("agent.manager")
+    log = logging.getLogger("agent.volumes.manager")
     log.debug("hidden at info")
     log.info(
         "published %s",
@@ -90,7 +90,7 @@ def test_json_shape_with_extras_and_exception() -> None:
     first, second = json_lines(stream)
     assert set(first) == {"ts", "level", "logger", "msg", "volume_id", "pod", "namespace", "issuer"}
     assert first["level"] == "info"
-    assert first["logger"] == "agent.manager"
+    assert first["logger"] == "agent.volumes.manager"
     assert first["msg"] == "published vol-1"
     assert (first["volume_id"], first["pod"], first["namespace"]) == ("vol-1", "es-0", "es")
     ts = dt.datetime.fromisoformat(first["ts"])
@@ -117,7 +117,7 @@ def test_text_format_on_a_terminal() -> None:
     try:
         with os.fdopen(terminal, "w", closefd=False) as tty:
             configure_logging("info", "auto", stream=tty)  # auto: a TTY gets readable text
-            logging.getLogger("agent.scheduler").warning(
+            logging.getLogger("agent.volumes.scheduler").warning(
                 "renewal failed", extra={"volume_id": "vol 1", "attempt": 2}
             )
             tty.flush()
@@ -126,7 +126,7 @@ def test_text_format_on_a_terminal() -> None:
         os.close(controller)
         os.close(terminal)
     assert not output.lstrip().startswith("{")
-    assert "WARNING" in output and "agent.scheduler: renewal failed" in output
+    assert "WARNING" in output and "agent.volumes.scheduler: renewal failed" in output
     assert 'volume_id="vol 1"' in output and "attempt=2" in output
 
 
@@ -170,7 +170,7 @@ def test_private_keys_never_reach_the_log_at_any_level(
     pem = keys[kind]
     stream = io.StringIO()
     configure_logging("debug", fmt, stream=stream)
-    log = logging.getLogger("agent.keys")
+    log = logging.getLogger("agent.pki.keys")
     for level in LEVELS:
         log.log(level, "key in the message: " + pem)
         log.log(level, "key as an argument: %s", pem)
@@ -212,7 +212,7 @@ def test_private_keys_never_reach_the_log_at_any_level(
 def test_password_extras_are_redacted(keys: dict[str, str]) -> None:
     stream = io.StringIO()
     configure_logging("debug", "json", stream=stream)
-    logging.getLogger("agent.pkcs12").info(
+    logging.getLogger("agent.pki.pkcs12").info(
         "wrote keystore",
         extra={
             "password": "hunter2-pass",

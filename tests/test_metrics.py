@@ -15,8 +15,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 import agent
-from agent.httpserver import HealthServer, parse_address
-from agent.metrics import KNOWN_FAILURE_REASONS, AgentMetrics
+from agent.observe.httpserver import HealthServer, parse_address
+from agent.observe.metrics import KNOWN_FAILURE_REASONS, AgentMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

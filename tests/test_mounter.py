@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import FailedPrecondition
-from agent.mounter import (
+from agent.volumes.mounter import (
     LinuxMounter,
     MountInfo,
     NoMounter,
@@ -21,7 +21,7 @@ from agent.mounter import (
     parse_mountinfo,
     read_mountinfo,
 )
-from agent.store import write_payload
+from agent.volumes.store import write_payload
 
 SAMPLE = (
     "22 27 0:21 / /proc rw,relatime - proc proc rw\n"

@@ -143,7 +143,7 @@ def test_a_first_issue_that_never_finished_is_finished_on_start(
     import time
 
     from agent.client import PodIdentity, kubelet_volume_id, pod_volume_context
-    from agent.store import VolumeMeta, VolumeState, VolumeStore
+    from agent.volumes.store import VolumeMeta, VolumeState, VolumeStore
 
     # A first run mounts the payload tmpfs; the unfinished volume is then left inside it.
     agent_process().stop()  # type: ignore[operator]

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.errors import Unavailable
 from agent.issuers.base import IssuedCertificate, Issuer, IssueRequest
-from agent.keys import load_private_key
+from agent.pki.keys import load_private_key
 from tests.conftest import AgentProcess, RunningAgent
 
 SHORT_LIVED = {

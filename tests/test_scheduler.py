@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.scheduler import (
+from agent.volumes.scheduler import (
     MAX_SPREAD_SECONDS,
     SPREAD_FRACTION,
     RenewalScheduler,

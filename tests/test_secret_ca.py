@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.errors import FailedPrecondition
-from agent.kube import KubeSettings, make_api_client
-from agent.secret_ca import SecretCAProvider
+from agent.issuers.secret_ca import SecretCAProvider
+from agent.kube.client import KubeSettings, make_api_client
 from tests.fakekube import FakeKube, make_test_ca, pem
 
 NS = "cert-agent"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import Internal, InvalidArgument
-from agent.store import (
+from agent.volumes.store import (
     VolumeMeta,
     VolumeState,
     VolumeStore,
@@ -213,7 +213,7 @@ def test_corrupt_metadata_is_logged_and_skipped(
     (volumes / "no meta here").mkdir()
     (volumes / "stray-file").write_text("x")
 
-    with caplog.at_level(logging.WARNING, logger="agent.store"):
+    with caplog.at_level(logging.WARNING, logger="agent.volumes.store"):
         assert store.volume_ids() == ["good-1", "good-2"]
     logged = caplog.text
     assert "garbage" in logged and "wrong-id" in logged and "bad-state" in logged

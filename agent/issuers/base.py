@@ -8,7 +8,7 @@ from typing import Protocol
 
 from cryptography import x509
 
-from agent.spec import CertificateSpec, PodInfo
+from agent.spec.model import CertificateSpec, PodInfo
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from agent.errors import (
     Unavailable,
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
-from agent.kube import (
+from agent.kube.client import (
     NotFound,
     backoff_delay,
     bearer_token_client,

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.ca import CAProvider, CertificateAuthority, utcnow
-from agent.csr import key_usage_is_empty, usages_to_extensions
 from agent.errors import (
     AgentError,
     FailedPrecondition,
@@ -28,8 +26,10 @@ from agent.errors import (
     PermissionDenied,
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
-from agent.keys import signing_hash
-from agent.spec import DEFAULT_DURATION_SECONDS
+from agent.pki.ca import CAProvider, CertificateAuthority, utcnow
+from agent.pki.csr import key_usage_is_empty, usages_to_extensions
+from agent.pki.keys import signing_hash
+from agent.spec.model import DEFAULT_DURATION_SECONDS
 
 DEFAULT_MAX_DURATION_SECONDS = 2160 * 3600
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agent.errors import FailedPrecondition
 from agent.issuers.base import Issuer
-from agent.spec import IssuerRef
+from agent.spec.model import IssuerRef
 
 
 class IssuerRouter:

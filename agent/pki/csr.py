@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from agent.errors import InvalidArgument
-from agent.keys import PrivateKey, signing_hash
-from agent.spec import CertificateSpec, SubjectSpec
+from agent.pki.keys import PrivateKey, signing_hash
+from agent.spec.model import CertificateSpec, SubjectSpec
 
 # cert-manager's KeyUsage names (apis/certmanager/v1 KeyUsage) -> x509.KeyUsage argument.
 _KEY_USAGE_BITS: dict[str, str] = {

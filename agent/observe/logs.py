@@ -130,7 +130,7 @@ class JSONFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-01-02T03:04:05.678Z INFO    agent.manager: message key=value ...`` for terminals."""
+    """``2026-01-02T03:04:05.678Z INFO    agent.volumes.manager: msg k=v ...`` for terminals."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"

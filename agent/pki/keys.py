@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from agent.errors import InvalidArgument
-from agent.spec import KeyAlgorithm, KeyEncoding, KeySpec
+from agent.spec.model import KeyAlgorithm, KeyEncoding, KeySpec
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 

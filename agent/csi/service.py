@@ -19,8 +19,8 @@ from google.protobuf import wrappers_pb2
 from agent import __version__
 from agent.csi import csi_pb2, csi_pb2_grpc
 from agent.errors import AgentError, FailedPrecondition, InvalidArgument
-from agent.manager import PublishRequest, VolumeManager
-from agent.metrics import AgentMetrics
+from agent.observe.metrics import AgentMetrics
+from agent.volumes.manager import PublishRequest, VolumeManager
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from agent.errors import InvalidArgument
-from agent.keys import PrivateKey
+from agent.pki.keys import PrivateKey
 
 DEFAULT_FRIENDLY_NAME = "tls"
 # Java keytool's PBES2 default; a few milliseconds per keystore.

@@ -20,9 +20,9 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 from cryptography import x509
 
-from agent.durations import parse_go_duration, parse_go_duration_ns
 from agent.errors import InvalidArgument
-from agent.spec import (
+from agent.spec.durations import parse_go_duration, parse_go_duration_ns
+from agent.spec.model import (
     DEFAULT_DURATION_SECONDS,
     DEFAULT_KEY_USAGES,
     CertificateSpec,
@@ -36,7 +36,7 @@ from agent.spec import (
     PodInfo,
     SubjectSpec,
 )
-from agent.templating import KNOWN_VARIABLES, expand_template, quote
+from agent.spec.templating import KNOWN_VARIABLES, expand_template, quote
 
 __all__ = [
     "ATTRIBUTE_NAMES",

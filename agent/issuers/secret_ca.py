@@ -23,9 +23,9 @@ from kubernetes import client as k8s
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
-from agent.ca import CAError, CertificateAuthority, load_ca_pem
 from agent.errors import AgentError, FailedPrecondition
-from agent.kube import NotFound, backoff_delay, is_retryable, map_api_error, with_retries
+from agent.kube.client import NotFound, backoff_delay, is_retryable, map_api_error, with_retries
+from agent.pki.ca import CAError, CertificateAuthority, load_ca_pem
 
 log = logging.getLogger(__name__)
 

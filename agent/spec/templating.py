@@ -12,7 +12,7 @@ import difflib
 import json
 
 from agent.errors import InvalidArgument
-from agent.spec import PodInfo
+from agent.spec.model import PodInfo
 
 # Variable name -> where its value comes from (for the "not available" message).
 KNOWN_VARIABLES: dict[str, str] = {

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from agent.errors import FailedPrecondition
-from agent.keys import PrivateKey, load_private_key, signing_hash
+from agent.pki.keys import PrivateKey, load_private_key, signing_hash
 
 log = logging.getLogger(__name__)
 

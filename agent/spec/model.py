@@ -1,6 +1,6 @@
 """Typed, validated descriptions of what a volume asks for.
 
-``agent.attributes.parse_volume_context`` builds these from a CSI ``volume_context``; the key
+``agent.spec.attributes.parse_volume_context`` builds these from a CSI ``volume_context``; the key
 generator, CSR builder, issuers and store consume them. All are immutable and JSON-round-trippable
 (``to_dict`` / ``from_dict``) so the volume metadata can hold them across agent restarts.
 None of them holds key material.

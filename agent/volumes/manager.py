@@ -22,8 +22,6 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from agent.attributes import parse_volume_context
-from agent.csr import build_csr
 from agent.errors import (
     AgentError,
     AlreadyExists,
@@ -34,20 +32,22 @@ from agent.errors import (
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
 from agent.issuers.router import IssuerRouter
-from agent.keys import (
+from agent.observe.metrics import LOCAL_ISSUER, AgentMetrics
+from agent.pki.csr import build_csr
+from agent.pki.keys import (
     PrivateKey,
     encode_private_key,
     generate_private_key,
     key_matches_spec,
     load_private_key,
 )
-from agent.locks import KeyedLocks
-from agent.metrics import LOCAL_ISSUER, AgentMetrics
-from agent.mounter import Mounter
-from agent.pkcs12 import build_keystore
-from agent.scheduler import renewal_due
-from agent.spec import CertificateSpec, PodInfo
-from agent.store import (
+from agent.pki.pkcs12 import build_keystore
+from agent.spec.attributes import parse_volume_context
+from agent.spec.model import CertificateSpec, PodInfo
+from agent.volumes.locks import KeyedLocks
+from agent.volumes.mounter import Mounter
+from agent.volumes.scheduler import renewal_due
+from agent.volumes.store import (
     VolumeMeta,
     VolumeState,
     VolumeStore,

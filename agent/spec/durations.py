@@ -6,7 +6,7 @@ cert-manager's csi-driver accepts means the same here.
 
 from __future__ import annotations
 
-from agent.templating import quote
+from agent.spec.templating import quote
 
 _MAX_GO_DURATION_NS = (1 << 63) - 1
 

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from agent.ca import CertificateAuthority
-from agent.secret_ca import SecretCAProvider
+from agent.issuers.secret_ca import SecretCAProvider
+from agent.pki.ca import CertificateAuthority
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""What a volume asks for: attributes parsed into a CertificateSpec, templates, durations."""
