@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.csi import csi_pb2_grpc
+from agent.csi import csi_pb2_grpc, endpoint
 from agent.csi.service import IdentityServicer, NodeServicer
 from agent.errors import AgentError
 from agent.issuers.base import Issuer
@@ -38,6 +37,10 @@ from agent.volumes.store import VolumeStore
 log = logging.getLogger(__name__)
 
 
+class StartupError(Exception):
+    """The agent cannot start; the message says what to fix (logged as one line)."""
+
+
 class Agent:
     """One running agent: CSI socket, volume manager, renewal scheduler, metrics endpoint."""
 
@@ -47,7 +50,13 @@ class Agent:
         self.metrics = AgentMetrics()
         self._serving = False
         self._stopped = threading.Event()
-        self._closers: list[Any] = []
+        # Run on every stop, last registered first.
+        self._closers: list[Callable[[], None]] = []
+        # Undo what a start that did not finish left half-done (run before the closers).
+        self._rollback: list[Callable[[], None]] = []
+        self._socket_inode: int | None = None
+        # True while start-up may be interrupted by raising into it (see ``serve``).
+        self.interruptible = False
         self._rotation: Any = None  # agent.issuers.ca_rotation.SecretCARotation with --ca-secret
         self.grpc_server: grpc.Server | None = None
         self.health: HealthServer | None = None
@@ -55,7 +64,46 @@ class Agent:
     # ------------------------------------------------------------------------------ start
 
     def start(self) -> None:
+        """Bring every part up, or undo what was done and raise (``stop`` is not needed then).
+
+        The cheap checks that could fail (the metrics port, the CSI endpoint) come before
+        anything is created, mounted or started.
+        """
+        try:
+            self.interruptible = True
+            self._start()
+        except BaseException:
+            self._abort_start()
+            raise
+        finally:
+            self.interruptible = False
+
+    def _abort_start(self) -> None:
+        self.interruptible = False  # the undo itself must run to its end
+        self._stopped.set()
+        for undo in reversed(self._rollback):
+            try:
+                undo()
+            except Exception as exc:
+                log.error("could not undo a start-up step: %s", exc)
+        self._rollback.clear()
+        self._close()
+
+    def _start(self) -> None:
         config = self.config
+        self.health = HealthServer(config.metrics_address, self.metrics.registry, self.ready)
+        try:
+            self.health.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve /metrics on --metrics-address {config.metrics_address}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        self._closers.append(self.health.stop)
+        try:
+            endpoint.claim(config.socket_path)
+        except endpoint.EndpointInUse as exc:
+            raise StartupError(f"--endpoint {config.endpoint}: {exc}") from exc
         self._prepare_data_root()
         self.store = VolumeStore(config.data_root)
         api = None if config.standalone else self._kubernetes_client()
@@ -94,12 +142,10 @@ class Agent:
                 manager.local_certificate_start_times, manager.rewrite_ca_bundles
             )
         recovered = self.manager.recover()
-        self.scheduler.start()
         self._closers.append(self.scheduler.stop)
+        self.scheduler.start()
         self._start_grpc()
-        self.health = HealthServer(config.metrics_address, self.metrics.registry, self.ready)
-        self.health.start()
-        self._closers.append(self.health.stop)
+        self.interruptible = False
         self._serving = True
         log.info(
             "agent serving",
@@ -123,6 +169,10 @@ class Agent:
         volumes.mkdir(exist_ok=True)
         if self.mounter.can_mount:
             # Keys live in memory only: payloads sit on a tmpfs that no disk ever sees.
+            if not self.mounter.is_mountpoint(volumes):
+                # Mounted by this start, so empty: a start that fails takes it away again.
+                # (A tmpfs found mounted holds live volumes and always stays.)
+                self._rollback.append(lambda: self.mounter.unmount(volumes))
             self.mounter.ensure_tmpfs(volumes, self.config.tmpfs_size_bytes)
         elif not self.config.standalone:
             raise RuntimeError(
@@ -165,8 +215,8 @@ class Agent:
                 reissue_all=self._reissue_all,
                 on_load=lambda ca: self.metrics.set_ca_expiry(ca.not_after.timestamp()),
             )
-            rotation.start()
             self._closers.append(rotation.stop)
+            rotation.start()
             self._rotation = rotation
             return rotation.provider
         return StaticCAProvider(ensure_self_signed_ca(config.data_root / "ca"))
@@ -179,7 +229,11 @@ class Agent:
     def _start_grpc(self) -> None:
         socket_path = self.config.socket_path
         socket_path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_socket(socket_path)
+        try:
+            # Again, right before binding: another agent may have started meanwhile.
+            endpoint.claim(socket_path)
+        except endpoint.EndpointInUse as exc:
+            raise StartupError(f"--endpoint {self.config.endpoint}: {exc}") from exc
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers))
         csi_pb2_grpc.add_IdentityServicer_to_server(
             IdentityServicer(self.config.driver_name, self.metrics, self.ready), server
@@ -188,11 +242,12 @@ class Agent:
             NodeServicer(self.manager, self.config.node_id, self.metrics), server
         )
         if server.add_insecure_port(f"unix://{socket_path}") == 0:
-            raise RuntimeError(f"cannot listen on {socket_path}")
+            raise StartupError(f"cannot listen on --endpoint {self.config.endpoint}")
+        self.grpc_server = server
         server.start()
+        self._socket_inode = endpoint.inode(socket_path)
         # kubelet and the registrar run as root; nobody else needs the socket.
         os.chmod(socket_path, 0o660)
-        self.grpc_server = server
 
     # ------------------------------------------------------------------------------ state
 
@@ -201,6 +256,10 @@ class Agent:
             return False, "starting"
         if self._stopped.is_set():
             return False, "stopping"
+        if self._socket_inode is not None:
+            problem = endpoint.serving_problem(self.config.socket_path, self._socket_inode)
+            if problem is not None:
+                return False, problem
         return self.issuers.ready()
 
     # ------------------------------------------------------------------------------- stop
@@ -209,40 +268,74 @@ class Agent:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self.grpc_server is not None:
-            self.grpc_server.stop(grace).wait(grace + 1)
+        self._close(grace)
+        # Mounts and payloads stay: pods keep their certificates while the agent restarts.
+        log.info("agent stopped")
+
+    def _close(self, grace: float = 0.0) -> None:
+        server, self.grpc_server = self.grpc_server, None
+        if server is not None:
+            # gRPC removes its socket file when it stops.
+            server.stop(grace).wait(grace + 1)
         for close in reversed(self._closers):
             try:
                 close()
-            except Exception:
-                log.exception("error while stopping")
-        # Mounts and payloads stay: pods keep their certificates while the agent restarts.
-        log.info("agent stopped")
+            except Exception as exc:
+                log.error("error while stopping: %s", exc)
+        self._closers.clear()
 
     def wait(self) -> None:
         self._stopped.wait()
 
 
-def _remove_stale_socket(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+class _StopDuringStartup(BaseException):
+    """Raised by the signal handler into a start-up blocked in I/O (a BaseException, so no
+    ``except Exception`` on the way swallows it); ``Agent.start`` then undoes its work."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line that says what failed, for an operator (no traceback)."""
+    if isinstance(exc, AgentError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    if isinstance(exc, StartupError | RuntimeError | ValueError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def serve(config: AgentConfig) -> int:
+    """Run the agent until SIGTERM/SIGINT. 0 after a stop (in any phase), 1 if it cannot start.
+
+    A signal while starting interrupts whatever start-up is blocked on (a Kubernetes API that
+    does not answer, a backoff sleep) at once: the handler raises into the main thread, the
+    start is undone, and the process exits 0 like any other requested stop.
+    """
     agent = Agent(config)
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if done.is_set():
+            return  # already stopping
         done.set()
+        if agent.interruptible:
+            log.info("received %s during start-up, stopping", name)
+            raise _StopDuringStartup(name)
+        log.info("received %s, stopping", name)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         agent.start()
-    except Exception:
-        agent.stop(grace=0)
-        raise
+    except _StopDuringStartup:
+        log.info("agent stopped")
+        return 0
+    except Exception as exc:
+        log.debug("start-up failed", exc_info=True)
+        log.error("cannot start: %s", describe_failure(exc))
+        return 1
     done.wait()
     agent.stop()
     return 0

@@ -488,6 +488,7 @@ class FakeKube:
         self._stopping = False
         self._cut_generation = 0
         self._gone = 0
+        self._hang: list[str] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -551,6 +552,26 @@ class FakeKube:
         """The next ``count`` matching requests answer ``status`` (a Status object)."""
         with self._cond:
             self._faults.append(Fault(status, count, retry_after, method, path_contains, watch))
+
+    def hang(self, path_contains: str) -> None:
+        """Matching requests are read, recorded, and then never answered (an API server that
+        accepts connections but is stuck) until ``release_hung`` or ``stop``."""
+        with self._cond:
+            self._hang.append(path_contains)
+
+    def release_hung(self) -> None:
+        with self._cond:
+            self._hang.clear()
+            self._cond.notify_all()
+
+    def _wait_if_hung(self, path: str) -> bool:
+        """Block while ``path`` is held; True if it was (the request then goes unanswered)."""
+        held = False
+        with self._cond:
+            while not self._stopping and any(part in path for part in self._hang):
+                held = True
+                self._cond.wait()
+        return held
 
     def drop_watches(self, after_events: int, count: int = 1) -> None:
         """The next ``count`` watches are cut (connection reset mid-stream) after K events."""
@@ -923,6 +944,9 @@ class _Handler(BaseHTTPRequestHandler):
             method, parts.path, query, user, body if isinstance(body, dict) else None
         )
         fake._record(record)
+        if fake._wait_if_hung(parts.path):
+            self.close_connection = True
+            return
         try:
             if user is None:
                 raise ApiError(401, "Unauthorized", "Unauthorized")
