@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -74,7 +75,14 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from agent.server import serve
 
-    return serve(config)
+    code = serve(config)
+    # The agent has stopped and said so. A CSI call or renewal still waiting on an issuer would
+    # hold the interpreter's exit (it joins worker threads) for up to --issue-timeout: do not
+    # wait for it. Its volume is recorded as unfinished and is completed on the next start.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _target(args: argparse.Namespace) -> Path:

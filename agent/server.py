@@ -36,6 +36,10 @@ from agent.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
+# How long a stop waits for CSI calls and renewals in flight. Short: kubelet retries a cut-off
+# call, and an unfinished issue is finished on the next start (the volume records it).
+STOP_GRACE_SECONDS = 0.5
+
 
 class StartupError(Exception):
     """The agent cannot start; the message says what to fix (logged as one line)."""
@@ -142,7 +146,7 @@ class Agent:
                 manager.local_certificate_start_times, manager.rewrite_ca_bundles
             )
         recovered = self.manager.recover()
-        self._closers.append(self.scheduler.stop)
+        self._closers.append(lambda: self.scheduler.stop(STOP_GRACE_SECONDS))
         self.scheduler.start()
         self._start_grpc()
         self.interruptible = False
@@ -264,7 +268,7 @@ class Agent:
 
     # ------------------------------------------------------------------------------- stop
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()

@@ -295,3 +295,53 @@ def test_sigterm_while_serving_exits_zero(agent_process: object, tmp_path: Path)
     assert not (tmp_path / "csi" / "csi.sock").exists()
     with pytest.raises(grpc.RpcError), CSIClient(agent.endpoint, timeout=1) as client:
         client.plugin_info()
+
+
+def test_sigterm_while_a_publish_waits_for_cert_manager(
+    fake: FakeKube, clean_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cluster_mode import CA_SECRET, SEED_ATTRIBUTES, ca_secret_data
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    fake.put_secret(*CA_SECRET, ca_secret_data("lifecycle CA")[0])
+    kubeconfig = fake.write_kubeconfig(clean_tmp / "kubeconfig")
+    args = serve_args(
+        clean_tmp,
+        "--kubeconfig",
+        str(kubeconfig),
+        "--ca-secret",
+        "/".join(CA_SECRET),
+        "--issue-timeout",
+        "10m",  # nobody approves the request: the publish waits as long as it may
+        standalone=False,
+    )
+    process = ServeProcess(args, clean_tmp / "agent.log")
+    process.wait_for_log("agent serving")
+    target = clean_tmp / "kubelet" / "pods" / "uid-1" / "volumes" / "kubernetes.io~csi" / "tls"
+    publish = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "publish",
+            "--endpoint",
+            f"unix://{clean_tmp}/csi/csi.sock",
+        ]
+        + ["--target", str(target / "mount"), "--pod-name", "es-0", "--pod-namespace", "elastic"]
+        + [f"--attr={key}={value}" for key, value in SEED_ATTRIBUTES.items()],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        fake.wait_until(lambda: len(fake.list_crs("elastic")) == 1, timeout=EXIT_TIMEOUT)
+        code, seconds = process.terminate()
+    finally:
+        publish.kill()
+        publish.wait()
+    lines = process.lines()
+    print(f"SIGTERM with a publish in flight: exit {code} after {seconds:.3f}s")
+    assert code == 0, "\n".join(lines)
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+    messages = [r["msg"] for r in records(lines)]
+    assert "received SIGTERM, stopping" in messages and messages[-1] == "agent stopped"
