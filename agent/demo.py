@@ -20,6 +20,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from agent.pki.serials import format_serial
+
 PODS = ("es-0", "es-1", "es-2")
 NAMESPACE = "elastic"
 ATTRIBUTES = {
@@ -52,9 +54,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def describe(target: Path) -> tuple[int, str]:
+def describe(target: Path) -> tuple[str, str]:
+    """The certificate's serial (as openssl prints it) and the current ``..data`` generation."""
     cert = x509.load_pem_x509_certificate((target / "tls.crt").read_bytes())
-    return cert.serial_number, os.readlink(target / "..data")
+    return format_serial(cert.serial_number), os.readlink(target / "..data")
 
 
 def metrics(port: int) -> list[str]:
@@ -119,7 +122,7 @@ def main() -> int:
                 text=True,
             )
             files = sorted(n for n in os.listdir(target) if not n.startswith(".."))
-            say(f"   {pod}: {', '.join(files)}  serial {cert.serial_number:x}")
+            say(f"   {pod}: {', '.join(files)}  serial {format_serial(cert.serial_number)}")
             say(f"         SAN {dns}; openssl verify: {verify.stdout.strip().split(': ')[-1]}")
         say()
         say(
@@ -135,8 +138,8 @@ def main() -> int:
                 if current[0] != last[pod][0]:
                     elapsed = time.monotonic() - started
                     say(
-                        f"   +{elapsed:4.1f}s {pod} rotated: serial {last[pod][0]:x} -> "
-                        f"{current[0]:x}; ..data -> {current[1]} (one atomic rename)"
+                        f"   +{elapsed:4.1f}s {pod} rotated: serial {last[pod][0]} -> "
+                        f"{current[0]}; ..data -> {current[1]} (one atomic rename)"
                     )
                     last[pod] = current
         say()

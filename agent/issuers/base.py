@@ -8,6 +8,7 @@ from typing import Protocol
 
 from cryptography import x509
 
+from agent.pki.serials import format_serial
 from agent.spec.model import CertificateSpec, PodInfo
 
 
@@ -46,7 +47,8 @@ class IssuedCertificate:
 
     @property
     def serial_hex(self) -> str:
-        return format(self.leaf.serial_number, "x")
+        """The leaf's serial as ``openssl x509 -serial`` prints it."""
+        return format_serial(self.leaf.serial_number)
 
 
 class Issuer(Protocol):

@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.errors import FailedPrecondition
 from agent.pki.keys import PrivateKey, load_private_key, signing_hash
+from agent.pki.serials import format_serial
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ def _spki(public_key: PublicKeyTypes) -> bytes:
 
 
 def _describe(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or f"serial {cert.serial_number:x}"
+    return cert.subject.rfc4514_string() or f"serial {format_serial(cert.serial_number)}"
 
 
 def _pem(cert: x509.Certificate) -> bytes:
