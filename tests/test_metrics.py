@@ -93,15 +93,15 @@ def test_volume_series_are_set_replaced_and_removed() -> None:
     }
 
     # Renewed by another issuer: the old label set goes, only the new one remains.
-    metrics.set_volume("vol-1", "es", "es-0", "ClusterIssuer/ca.cert-manager.io", 4000.0, 3500.0)
+    metrics.set_volume("vol-1", "es", "es-0", "ClusterIssuer ca (cert-manager.io)", 4000.0, 3500.0)
     found = scrape(metrics)
     assert volume_series(found, EXPIRY) == {
-        vlabels("es", "es-0", "vol-1", "ClusterIssuer/ca.cert-manager.io"): 4000.0,
+        vlabels("es", "es-0", "vol-1", "ClusterIssuer ca (cert-manager.io)"): 4000.0,
         vlabels("es", "es-1", "vol-2", "local"): 3000.0,
     }
     assert (
         volume_series(found, RENEWAL)[
-            vlabels("es", "es-0", "vol-1", "ClusterIssuer/ca.cert-manager.io")
+            vlabels("es", "es-0", "vol-1", "ClusterIssuer ca (cert-manager.io)")
         ]
         == 3500.0
     )
@@ -122,8 +122,8 @@ def test_issue_attempts_failures_and_latency() -> None:
     metrics.issue_started("local", "issue")
     metrics.issue_finished("local", "issue", 0.004, None)
     for _ in range(2):
-        metrics.issue_started("Issuer/ca.cert-manager.io", "renew")
-        metrics.issue_finished("Issuer/ca.cert-manager.io", "renew", 45.0, "deadline_exceeded")
+        metrics.issue_started("Issuer ca (cert-manager.io)", "renew")
+        metrics.issue_finished("Issuer ca (cert-manager.io)", "renew", 45.0, "deadline_exceeded")
     found = scrape(metrics)
     local = (("issuer", "local"), ("operation", "issue"))
     assert found[("cert_agent_issue_attempts_total", local)] == 1
@@ -132,14 +132,14 @@ def test_issue_attempts_failures_and_latency() -> None:
     assert found[("cert_agent_issue_duration_seconds_bucket", key(*local, ("le", "0.005")))] == 1
     assert ("cert_agent_issue_duration_seconds_bucket", key(*local, ("le", "120.0"))) in found
 
-    cm = (("issuer", "Issuer/ca.cert-manager.io"), ("operation", "renew"))
+    cm = (("issuer", "Issuer ca (cert-manager.io)"), ("operation", "renew"))
     failed = (*cm, ("reason", "deadline_exceeded"))
     assert found[("cert_agent_issue_attempts_total", cm)] == 2
     assert found[("cert_agent_issue_failures_total", failed)] == 2
     assert found[("cert_agent_issue_duration_seconds_sum", cm)] == 90.0
     # A newly seen issuer gets its zero series too (its other reasons, its issue operation).
     assert found[("cert_agent_issue_failures_total", (*cm, ("reason", "unavailable")))] == 0
-    cm_issue = (("issuer", "Issuer/ca.cert-manager.io"), ("operation", "issue"))
+    cm_issue = (("issuer", "Issuer ca (cert-manager.io)"), ("operation", "issue"))
     assert found[("cert_agent_issue_attempts_total", cm_issue)] == 0
 
     with pytest.raises(ValueError, match="operation"):

@@ -61,7 +61,7 @@ def hidden_dirs(directory: Path) -> list[str]:
 def test_meta_json_round_trip_keeps_every_field() -> None:
     meta = make_meta(
         state=VolumeState.READY,
-        issuer="ClusterIssuer/ca.cert-manager.io",
+        issuer="ClusterIssuer ca (cert-manager.io)",
         serial="0a1b",
         not_before=1700000000.0,
         not_after=1707776000.5,

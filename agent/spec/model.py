@@ -61,10 +61,11 @@ class IssuerRef:
         return self.name is None or self.group == AGENT_ISSUER_GROUP
 
     def describe(self) -> str:
-        """A short label for logs, metrics and messages: ``local`` or ``Kind/name.group``."""
+        """A short label for logs, metrics and messages: ``local`` or ``Kind name (group)``,
+        e.g. ``ClusterIssuer ca (cert-manager.io)`` (``Kind/name.group`` read like a host)."""
         if self.is_local:
             return "local"  # there is one local CA, however a volume names it
-        return f"{self.kind}/{self.name}.{self.group}"
+        return f"{self.kind} {self.name} ({self.group})"
 
 
 @dataclass(frozen=True)

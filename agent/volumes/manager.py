@@ -309,6 +309,10 @@ class VolumeManager:
                 self.store.remove(volume_id)
                 return
             spec, pod = parse_volume_context(meta.volume_context)
+            if meta.issuer != spec.issuer.describe():
+                # Written by an older agent that spelled issuer references differently.
+                meta.issuer = spec.issuer.describe()
+                self.store.save(meta)
             if meta.state == VolumeState.READY and self._payload_complete(meta, spec):
                 if meta.mode == "mount":
                     self._ensure_mounted(meta)
