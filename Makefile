@@ -23,7 +23,7 @@ run: $(STAMP)
 	@echo "Starting cert-agent (standalone: self-signed CA, state in $(RUN_DIR)). In another terminal:"
 	@echo "  $(BIN)/cert-agent publish --endpoint $(ENDPOINT) --target $(RUN_DIR)/pods/es-0/tls \\"
 	@echo "      --pod-name es-0 --pod-namespace elastic --attr 'dns-names=\$${POD_NAME}.\$${POD_NAMESPACE}.svc.cluster.local'"
-	@echo "  openssl verify -CAfile $(RUN_DIR)/pods/es-0/tls/ca.crt $(RUN_DIR)/pods/es-0/tls/tls.crt"
+	@echo "  openssl verify -CAfile $(RUN_DIR)/pods/es-0/tls/ca.crt -untrusted $(RUN_DIR)/pods/es-0/tls/tls.crt $(RUN_DIR)/pods/es-0/tls/tls.crt"
 	@echo "  $(BIN)/cert-agent unpublish --endpoint $(ENDPOINT) --target $(RUN_DIR)/pods/es-0/tls"
 	@echo "Metrics: http://$(METRICS_ADDRESS)/metrics   Stop with Ctrl-C."
 	$(BIN)/cert-agent serve --standalone \
