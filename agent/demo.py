@@ -107,7 +107,7 @@ def main() -> int:
     )
     targets = {pod: work / "pods" / pod / "volumes" / "tls" / "mount" for pod in PODS}
     try:
-        _wait_for_socket(work / "csi.sock", agent)
+        _wait_for_socket(work / "csi.sock", agent, work / "agent.log")
         say(f"   serving on {endpoint}, metrics on http://127.0.0.1:{port}/metrics")
         say()
         say("2. kubelet mounts a csi volume into each pod of the StatefulSet 'es':")
@@ -167,15 +167,28 @@ def main() -> int:
         say("   done.")
 
 
-def _wait_for_socket(path: Path, agent: subprocess.Popen[bytes]) -> None:
+def _wait_for_socket(path: Path, agent: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if agent.poll() is not None:
-            raise SystemExit("the agent exited; see its log above")
+            raise SystemExit(
+                f"the agent exited with code {agent.returncode}; its log:\n{log_tail(log)}"
+            )
         if path.exists():
             return
         time.sleep(0.1)
-    raise SystemExit("the agent did not start in 30s")
+    raise SystemExit(f"the agent did not start in 30s; its log:\n{log_tail(log)}")
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The end of the agent's log, printed on failure: the log lives in the temporary
+    directory the demo removes when it exits."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError as exc:
+        return f"   (cannot read {log}: {exc.strerror})"
+    tail = text.splitlines()[-lines:]
+    return "\n".join(f"   {line}" for line in tail) or "   (empty)"
 
 
 def _unmount_below(root: Path) -> None:
