@@ -255,6 +255,12 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
             "no local CA configured: give --ca-secret NAMESPACE/NAME, --ca-dir, or "
             "--ca-cert-file/--ca-key-file (or --standalone for a self-signed CA)"
         )
+    if standalone and raw["allow-ca"] and not sources:
+        raise ConfigError(
+            "--allow-ca does not work with the self-signed CA of --standalone: it has "
+            "pathLenConstraint 0, so no CA certificate it signed would verify. Give a CA that may "
+            "sign CAs (--ca-dir or --ca-cert-file/--ca-key-file) or drop --allow-ca"
+        )
     ca_secret = None
     if raw["ca-secret"]:
         parts = raw["ca-secret"].split("/")

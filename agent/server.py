@@ -18,7 +18,7 @@ from agent.csi import csi_pb2_grpc, endpoint
 from agent.csi.service import IdentityServicer, NodeServicer
 from agent.errors import AgentError
 from agent.issuers.base import Issuer
-from agent.issuers.local import LocalCAIssuer
+from agent.issuers.local import LocalCAIssuer, ca_child_problem
 from agent.issuers.router import IssuerRouter
 from agent.observe.httpserver import HealthServer
 from agent.observe.metrics import AgentMetrics
@@ -122,6 +122,8 @@ class Agent:
             self.metrics.set_ca_expiry(self.local_issuer.ca_not_after().timestamp())
         except AgentError as exc:
             log.error("the local CA cannot sign yet", extra={"error": exc.message})
+        else:
+            self._check_allow_ca()
         cert_manager: Issuer | None = None
         if api is not None:
             from agent.issuers.certmanager import CertManagerIssuer
@@ -189,6 +191,19 @@ class Agent:
                 "directories instead of being bind-mounted read-only, and payloads are "
                 "not on a tmpfs. Fine for trying the agent out; in a cluster it always mounts.",
                 extra={"data_root": str(root)},
+            )
+
+    def _check_allow_ca(self) -> None:
+        """--allow-ca with a CA that may not sign CAs would fail every is-ca volume: say so now.
+        (A CA from --ca-secret that is not loaded yet, or rotates later, is checked per request.)
+        """
+        if not self.config.allow_ca:
+            return
+        problem = ca_child_problem(self.ca_provider.current())
+        if problem is not None:
+            raise StartupError(
+                f"--allow-ca: {problem}, so no CA certificate it signs would verify; give a CA "
+                "without that limit or drop --allow-ca"
             )
 
     def _kubernetes_client(self) -> Any:

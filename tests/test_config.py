@@ -18,13 +18,21 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("node-id: from-file\nmax-duration: 24h\nallow_ca: true\nkube-qps: 5\n")
     env = {"CERT_AGENT_NODE_ID": "from-env", "CERT_AGENT_MAX_DURATION": "48h"}
-    resolved = resolve_args("--standalone", "--config", str(config), environ=env)
+    # (--allow-ca needs a CA of its own: the standalone self-signed one may not sign CAs.)
+    resolved = resolve_args("--standalone", "--ca-dir", "/ca", "--config", str(config), environ=env)
     assert resolved.node_id == "from-env"
     assert resolved.max_duration_seconds == 48 * 3600
     assert resolved.allow_ca is True
     assert resolved.kube_qps == 5.0
     flagged = resolve_args(
-        "--standalone", "--config", str(config), "--node-id", "from-flag", environ=env
+        "--standalone",
+        "--ca-dir",
+        "/ca",
+        "--config",
+        str(config),
+        "--node-id",
+        "from-flag",
+        environ=env,
     )
     assert flagged.node_id == "from-flag"
 

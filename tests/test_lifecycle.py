@@ -345,3 +345,45 @@ def test_sigterm_while_a_publish_waits_for_cert_manager(
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
     messages = [r["msg"] for r in records(lines)]
     assert "received SIGTERM, stopping" in messages and messages[-1] == "agent stopped"
+
+
+# ------------------------------------------------------------------- --allow-ca needs room
+
+
+def test_allow_ca_with_the_standalone_ca_is_refused_before_anything_happens(
+    clean_tmp: Path,
+) -> None:
+    code, lines = run_to_exit(serve_args(clean_tmp, "--allow-ca"))
+    assert code == 2
+    (line,) = lines
+    assert line.startswith("cert-agent: --allow-ca does not work with the self-signed CA of ")
+    assert "pathLenConstraint 0" in line
+    assert not (clean_tmp / "data").exists()
+
+
+def test_allow_ca_with_a_ca_that_may_not_sign_cas_is_one_line(clean_tmp: Path) -> None:
+    from agent.pki.ca import ensure_self_signed_ca
+
+    ensure_self_signed_ca(clean_tmp / "limited", common_name="limited CA")  # pathlen 0
+    ca = ["--ca-cert-file", str(clean_tmp / "limited" / "ca.crt")]
+    ca += ["--ca-key-file", str(clean_tmp / "limited" / "ca.key")]
+    code, lines = run_to_exit(serve_args(clean_tmp, "--allow-ca", *ca))
+    assert code == 1
+    assert_one_clear_error(lines, "--allow-ca: the pathLenConstraint 0 of CN=limited CA")
+    assert_nothing_left(clean_tmp)
+
+
+def test_allow_ca_with_a_ca_that_may_sign_cas_issues_a_verifiable_ca(
+    agent_factory: object, tmp_path: Path
+) -> None:
+    from tests.conftest import openssl
+    from tests.test_local_issuer import make_openssl_ca
+
+    root_crt, root_key, _, _ = make_openssl_ca(tmp_path)  # a root without pathlen
+    agent = agent_factory(allow_ca=True, ca_cert_file=root_crt, ca_key_file=root_key)  # type: ignore[operator]
+    attributes = {"csi.cert-agent.io/common-name": "team CA", "csi.cert-agent.io/is-ca": "true"}
+    attributes["csi.cert-agent.io/key-usages"] = "cert sign,crl sign"
+    volume = agent.publish(agent.pod("ca-0"), attributes)
+    crt = str(volume / "tls.crt")
+    assert openssl("verify", "-CAfile", str(volume / "ca.crt"), "-untrusted", crt, crt)
+    assert "CA:TRUE, pathlen:0" in openssl("x509", "-in", crt, "-noout", "-text")

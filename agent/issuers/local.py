@@ -210,21 +210,32 @@ def _authority_key_id(ca: CertificateAuthority) -> x509.AuthorityKeyIdentifier:
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
-def _check_path_length(ca: CertificateAuthority) -> None:
-    """Refuse a CA child that a verifier would reject: a certificate with pathLenConstraint n
-    allows at most n CA certificates below it (the signing CA is 0 levels below itself)."""
+def ca_child_problem(ca: CertificateAuthority) -> str | None:
+    """Why ``ca`` cannot sign a CA certificate that verifies, or None: a certificate with
+    pathLenConstraint n allows at most n CA certificates below it (the signing CA is 0 levels
+    below itself)."""
     for depth, cert in enumerate((ca.certificate, *ca.chain)):
         try:
             basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
             continue
         if basic.path_length is not None and basic.path_length <= depth:
-            raise InvalidArgument(
-                f"is-ca: the pathLenConstraint {basic.path_length} of "
-                f"{cert.subject.rfc4514_string()} forbids another CA below the local CA, so the "
-                "certificate would not verify; configure a CA without that limit",
-                attribute="is-ca",
+            return (
+                f"the pathLenConstraint {basic.path_length} of "
+                f"{cert.subject.rfc4514_string()} forbids another CA below the local CA"
             )
+    return None
+
+
+def _check_path_length(ca: CertificateAuthority) -> None:
+    """Refuse a CA child that a verifier would reject."""
+    problem = ca_child_problem(ca)
+    if problem is not None:
+        raise InvalidArgument(
+            f"is-ca: {problem}, so the certificate would not verify; configure a CA without "
+            "that limit",
+            attribute="is-ca",
+        )
 
 
 def _aware(moment: dt.datetime) -> dt.datetime:
