@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import grpc
 
 from agent import __version__
 from agent.config import DEFAULT_ENDPOINT, ConfigError, add_serve_arguments, resolve
+
+# uuid5 namespace of the UIDs `publish` makes up for its targets (any fixed UUID would do).
+_POD_UID_NAMESPACE = uuid.UUID("6f1d2c9e-8a4b-5e3f-9c7d-2b1a0e4f6d83")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--target", required=True, help="directory to publish the volume at")
     publish.add_argument("--pod-name", default="standalone")
     publish.add_argument("--pod-namespace", default="default")
-    publish.add_argument("--pod-uid", default="", help="default: a random UUID")
+    publish.add_argument(
+        "--pod-uid",
+        default="",
+        help="default: a UUID derived from the target, so rerunning the same command is a no-op",
+    )
     publish.add_argument("--service-account", default="default")
     publish.add_argument("--volume-id", help="default: kubelet's csi-<sha256> id for the target")
     publish.add_argument("--fs-group", type=int, help="the pod's fsGroup (volume_mount_group)")
@@ -106,10 +114,12 @@ def _publish(args: argparse.Namespace) -> int:
             return 2
         attributes[key if "/" in key else f"csi.cert-agent.io/{key}"] = value
     target = _target(args)
-    target.parent.mkdir(parents=True, exist_ok=True)  # kubelet creates the parent, not target
     pod = PodIdentity(
-        args.pod_name, args.pod_namespace, args.pod_uid, args.service_account
-    ).with_uid()
+        args.pod_name,
+        args.pod_namespace,
+        args.pod_uid or _default_pod_uid(target),
+        args.service_account,
+    )
     volume_id = args.volume_id or _default_volume_id(target)
     request = publish_request(
         volume_id=volume_id,
@@ -117,16 +127,45 @@ def _publish(args: argparse.Namespace) -> int:
         volume_context=pod_volume_context(pod, attributes),
         fs_group=args.fs_group,
     )
+    created = _make_parents(target)  # kubelet creates the parent, the plugin the target
     with CSIClient(args.endpoint) as client:
         try:
             client.publish(request)
         except grpc.RpcError as exc:
+            _remove_empty(created)
             return _rpc_failed("publish", exc)
     print(f"published volume {volume_id} at {target}")
     for entry in sorted(os.listdir(target)):
         if not entry.startswith(".."):
             print(f"  {target / entry}")
     return 0
+
+
+def _default_pod_uid(target: Path) -> str:
+    """A stable stand-in for the pod's UID, as kubelet's is for one pod: the same target always
+    gives the same UID (and so the same volume attributes), so a repeated publish is idempotent
+    instead of ALREADY_EXISTS."""
+    return str(uuid.uuid5(_POD_UID_NAMESPACE, str(target)))
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the target's missing parent directories; returns them, deepest first."""
+    missing: list[Path] = []
+    for parent in target.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Undo ``_make_parents`` after a failed publish: nothing of it stays behind."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (or gone): leave it and everything above it
 
 
 def _unpublish(args: argparse.Namespace) -> int:

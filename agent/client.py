@@ -7,7 +7,6 @@ drive an agent in standalone mode, or debug one on a live node, without a cluste
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,11 +21,6 @@ class PodIdentity:
     namespace: str = "default"
     uid: str = ""
     service_account: str = "default"
-
-    def with_uid(self) -> PodIdentity:
-        if self.uid:
-            return self
-        return PodIdentity(self.name, self.namespace, str(uuid.uuid4()), self.service_account)
 
 
 def kubelet_volume_id(pod_uid: str, volume_name: str) -> str:
