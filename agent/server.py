@@ -95,7 +95,9 @@ class Agent:
 
     def _start(self) -> None:
         config = self.config
-        self.health = HealthServer(config.metrics_address, self.metrics.registry, self.ready)
+        self.health = HealthServer(
+            config.metrics_address, self.metrics.registry, self.ready, alive=self.alive
+        )
         try:
             self.health.start()
         except OSError as exc:
@@ -269,6 +271,11 @@ class Agent:
         os.chmod(socket_path, 0o660)
 
     # ------------------------------------------------------------------------------ state
+
+    def alive(self) -> tuple[bool, str]:
+        """/healthz: 503 while starting, so the startup probe (not liveness) covers recovery and
+        a start that hangs is restarted; then 200 for as long as the process lives."""
+        return (True, "") if self._serving else (False, "starting")
 
     def ready(self) -> tuple[bool, str]:
         if not self._serving:

@@ -271,10 +271,16 @@ def test_sigterm_while_the_api_server_is_unreachable(clean_tmp: Path) -> None:
 def test_sigterm_while_the_ca_secret_read_hangs(fake: FakeKube, clean_tmp: Path) -> None:
     fake.hang("/secrets")
     kubeconfig = fake.write_kubeconfig(clean_tmp / "kubeconfig")
-    process = ServeProcess(cluster_args(clean_tmp, kubeconfig), clean_tmp / "agent.log")
+    port = free_port()
+    args = [*cluster_args(clean_tmp, kubeconfig), "--metrics-address", f"127.0.0.1:{port}"]
+    process = ServeProcess(args, clean_tmp / "agent.log")
     try:
         # The agent is blocked reading the CA Secret from an API server that never answers.
         fake.wait_until(lambda: fake.count("GET", "/secrets/ca") == 1, timeout=EXIT_TIMEOUT)
+        # Meanwhile the HTTP endpoint is up and says so: not alive yet (the startup probe
+        # allows for it, and restarts a start that never ends), not ready.
+        assert http_get(f"http://127.0.0.1:{port}/healthz") == (503, "starting\n")
+        assert http_get(f"http://127.0.0.1:{port}/readyz") == (503, "starting\n")
         assert_clean_stop_during_startup(process, clean_tmp)
     finally:
         fake.release_hung()

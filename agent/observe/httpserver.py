@@ -48,10 +48,12 @@ class _Server(ThreadingHTTPServer):
         registry: CollectorRegistry,
         ready: ReadyCheck,
         family: socket.AddressFamily,
+        alive: ReadyCheck,
     ) -> None:
         self.address_family = family
         self.registry = registry
         self.ready = ready
+        self.alive = alive
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -86,14 +88,13 @@ class _Handler(BaseHTTPRequestHandler):
                 body = gzip.compress(body)
                 headers["Content-Encoding"] = "gzip"
             self._send(200, body, content_type, headers, send_body)
-        elif path == "/healthz":
-            self._send(200, b"ok\n", _TEXT, headers, send_body)
-        elif path == "/readyz":
+        elif path in ("/healthz", "/readyz"):
+            check = self.server.alive if path == "/healthz" else self.server.ready
             try:
-                ok, reason = self.server.ready()
+                ok, reason = check()
             except Exception as exc:  # a broken check means not ready, not a dead server
-                log.warning("readiness check failed: %s", exc)
-                ok, reason = False, f"readiness check failed: {exc}"
+                log.warning("%s check failed: %s", path, exc)
+                ok, reason = False, f"check failed: {exc}"
             status, text = (200, "ok") if ok else (503, reason or "not ready")
             self._send(status, (text + "\n").encode(), _TEXT, headers, send_body)
         else:
@@ -118,13 +119,21 @@ class _Handler(BaseHTTPRequestHandler):
 
 class HealthServer:
     """Serves metrics and health on ``address`` ("host:port"; ":9402" = all interfaces, port 0 =
-    any free port, see ``port`` after ``start``)."""
+    any free port, see ``port`` after ``start``). ``alive`` answers /healthz (default: always),
+    ``ready`` /readyz."""
 
-    def __init__(self, address: str, registry: CollectorRegistry, ready: ReadyCheck) -> None:
+    def __init__(
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        ready: ReadyCheck,
+        alive: ReadyCheck | None = None,
+    ) -> None:
         self.address = address
         self._host, self.port = parse_address(address)
         self._registry = registry
         self._ready = ready
+        self._alive = alive or (lambda: (True, ""))
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -144,13 +153,15 @@ class HealthServer:
         if host in ("", "::", "0.0.0.0"):
             if host != "0.0.0.0" and socket.has_ipv6:
                 try:
-                    return _Server(("::", self.port), self._registry, self._ready, socket.AF_INET6)
+                    return self._server_on("::", socket.AF_INET6)
                 except OSError:
                     pass  # IPv6 disabled on this node: IPv4 only
-            return _Server(("0.0.0.0", self.port), self._registry, self._ready, socket.AF_INET)
+            return self._server_on("0.0.0.0", socket.AF_INET)
         infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
-        family = infos[0][0]
-        return _Server((host, self.port), self._registry, self._ready, family)
+        return self._server_on(host, infos[0][0])
+
+    def _server_on(self, host: str, family: socket.AddressFamily) -> _Server:
+        return _Server((host, self.port), self._registry, self._ready, family, self._alive)
 
     def stop(self) -> None:
         server, thread = self._server, self._thread
