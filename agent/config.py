@@ -11,13 +11,14 @@ import argparse
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from agent import DEFAULT_DRIVER_NAME
+from agent.pki.name_constraints import ConstraintError, PermittedNames
 from agent.spec.durations import parse_go_duration
 
 ENV_PREFIX = "CERT_AGENT_"
@@ -55,6 +56,55 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ca-key-file", "PEM file of the local CA private key (with --ca-cert-file)"),
     Setting("ca-dir", "directory holding ca.crt and ca.key, such as a mounted Secret"),
     Setting("ca-secret", "NAMESPACE/NAME of a Secret with ca.crt and ca.key, watched for changes"),
+    # Node CA mode: the local CA is this node's own intermediate, issued by cert-manager.
+    Setting(
+        "node-ca-issuer-name",
+        "cert-manager issuer that signs this node's intermediate CA (turns on node CA mode)",
+    ),
+    Setting("node-ca-issuer-kind", "Issuer or ClusterIssuer", "Issuer"),
+    Setting("node-ca-issuer-group", "API group of the node CA issuer", "cert-manager.io"),
+    Setting(
+        "node-ca-namespace",
+        "namespace of the node CA's CertificateRequest (default: the agent's own, --pod-namespace)",
+    ),
+    Setting("node-ca-duration", "lifetime asked for the node CA", "24h", "duration"),
+    Setting(
+        "node-ca-renew-before",
+        "renew the node CA this long before it expires (default: a third of its lifetime)",
+        None,
+        "duration",
+    ),
+    Setting(
+        "node-ca-permitted-dns",
+        "DNS name constraints of the node CA, comma-separated (default: svc.<cluster-domain>)",
+        None,
+        "list",
+    ),
+    Setting(
+        "node-ca-permitted-uri",
+        "URI host name constraints of the node CA (default: <cluster-domain>, the SPIFFE trust "
+        "domain)",
+        None,
+        "list",
+    ),
+    Setting("node-ca-permitted-email", "email name constraints of the node CA", None, "list"),
+    Setting(
+        "node-ca-permitted-ip",
+        "IP networks the node CA may sign (default: none, every IP address is excluded)",
+        None,
+        "list",
+    ),
+    Setting(
+        "node-ca-require-name-constraints",
+        "refuse a node CA whose issuer dropped the name constraints (default: enforce them in "
+        "the agent)",
+        False,
+        "bool",
+    ),
+    Setting("cluster-domain", "the cluster's DNS domain", "cluster.local"),
+    Setting("pod-name", "the agent's own Pod name (downward API metadata.name)"),
+    Setting("pod-uid", "the agent's own Pod uid (downward API metadata.uid)"),
+    Setting("pod-namespace", "the agent's own namespace (downward API metadata.namespace)"),
     Setting("max-duration", "longest certificate lifetime the local CA signs", "2160h", "duration"),
     Setting("allow-ca", "let volumes ask the local CA for CA certificates (is-ca)", False, "bool"),
     Setting(
@@ -82,6 +132,20 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 @dataclass(frozen=True)
+class NodeCAConfig:
+    """Node CA mode: which issuer signs the node's intermediate CA, and what it may vouch for."""
+
+    issuer_name: str
+    issuer_kind: str = "Issuer"
+    issuer_group: str = "cert-manager.io"
+    namespace: str = ""
+    duration_seconds: int = 24 * 3600
+    renew_before_seconds: int | None = None
+    permitted: PermittedNames = field(default_factory=PermittedNames)
+    require_name_constraints: bool = False
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     endpoint: str
     node_id: str
@@ -105,6 +169,11 @@ class AgentConfig:
     tmpfs_size_bytes: int
     log_level: str
     log_format: str
+    node_ca: NodeCAConfig | None = None
+    cluster_domain: str = "cluster.local"
+    pod_name: str | None = None
+    pod_uid: str | None = None
+    pod_namespace: str | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -245,6 +314,7 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
             ("--ca-cert-file/--ca-key-file", cert_file),
             ("--ca-dir", raw["ca-dir"]),
             ("--ca-secret", raw["ca-secret"]),
+            ("--node-ca-issuer-name", raw["node-ca-issuer-name"]),
         )
         if given
     ]
@@ -252,8 +322,9 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"choose one CA source, not {' and '.join(sources)}")
     if not sources and not standalone:
         raise ConfigError(
-            "no local CA configured: give --ca-secret NAMESPACE/NAME, --ca-dir, or "
-            "--ca-cert-file/--ca-key-file (or --standalone for a self-signed CA)"
+            "no local CA configured: give --node-ca-issuer-name (node CA mode, recommended), "
+            "--ca-secret NAMESPACE/NAME, --ca-dir, or --ca-cert-file/--ca-key-file (or "
+            "--standalone for a self-signed CA)"
         )
     if standalone and raw["allow-ca"] and not sources:
         raise ConfigError(
@@ -272,6 +343,7 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
     for flag in ("renewal-workers", "grpc-workers", "tmpfs-size", "kube-burst"):
         if raw[flag] < 1:
             raise ConfigError(f"--{flag} must be at least 1")
+    node_ca = _node_ca(raw, standalone)
     return AgentConfig(
         endpoint=raw["endpoint"],
         node_id=node_id,
@@ -297,4 +369,82 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         tmpfs_size_bytes=raw["tmpfs-size"] * 1024 * 1024,
         log_level=raw["log-level"],
         log_format=raw["log-format"],
+        node_ca=node_ca,
+        cluster_domain=raw["cluster-domain"],
+        pod_name=raw["pod-name"],
+        pod_uid=raw["pod-uid"],
+        pod_namespace=raw["pod-namespace"],
+    )
+
+
+_NODE_CA_FLAGS = (
+    "node-ca-namespace",
+    "node-ca-renew-before",
+    "node-ca-permitted-dns",
+    "node-ca-permitted-uri",
+    "node-ca-permitted-email",
+    "node-ca-permitted-ip",
+)
+
+
+def _node_ca(raw: dict[str, Any], standalone: bool) -> NodeCAConfig | None:
+    name = raw["node-ca-issuer-name"]
+    if not name:
+        stray = [f"--{flag}" for flag in _NODE_CA_FLAGS if raw[flag] is not None]
+        if raw["node-ca-require-name-constraints"]:
+            stray.append("--node-ca-require-name-constraints")
+        if stray:
+            raise ConfigError(f"{', '.join(stray)} only apply with --node-ca-issuer-name")
+        return None
+    if standalone:
+        raise ConfigError("--node-ca-issuer-name needs Kubernetes access; drop --standalone")
+    if raw["allow-ca"]:
+        raise ConfigError(
+            "--allow-ca cannot be used with --node-ca-issuer-name: the node CA signs leaf "
+            "certificates only (its issuer sets no path length, so a CA below it would be trusted)"
+        )
+    kind = raw["node-ca-issuer-kind"]
+    if kind not in ("Issuer", "ClusterIssuer"):
+        raise ConfigError(f"--node-ca-issuer-kind {kind!r} must be Issuer or ClusterIssuer")
+    namespace = raw["node-ca-namespace"] or raw["pod-namespace"]
+    if not namespace:
+        raise ConfigError(
+            "--node-ca-namespace is required unless --pod-namespace names the agent's namespace "
+            "(in a DaemonSet set CERT_AGENT_POD_NAMESPACE from metadata.namespace)"
+        )
+    duration, renew_before = raw["node-ca-duration"], raw["node-ca-renew-before"]
+    if renew_before is not None and renew_before >= duration:
+        raise ConfigError(
+            f"--node-ca-renew-before must be shorter than --node-ca-duration ({duration}s)"
+        )
+    domain = raw["cluster-domain"].strip(".").lower()
+    defaults = {
+        "node-ca-permitted-dns": [f"svc.{domain}"],
+        "node-ca-permitted-uri": [domain],
+        "node-ca-permitted-email": [],
+        "node-ca-permitted-ip": [],
+    }
+    fields = {
+        "node-ca-permitted-dns": "dns",
+        "node-ca-permitted-uri": "uri_hosts",
+        "node-ca-permitted-email": "emails",
+        "node-ca-permitted-ip": "ip_networks",
+    }
+    values: dict[str, list[str]] = {}
+    for flag, name_field in fields.items():
+        values[name_field] = defaults[flag] if raw[flag] is None else raw[flag]
+        try:
+            PermittedNames.parse(**{name_field: values[name_field]})
+        except ConstraintError as exc:
+            raise ConfigError(f"--{flag}: {exc}") from exc
+    permitted = PermittedNames.parse(**values)
+    return NodeCAConfig(
+        issuer_name=name,
+        issuer_kind=kind,
+        issuer_group=raw["node-ca-issuer-group"],
+        namespace=namespace,
+        duration_seconds=int(duration),
+        renew_before_seconds=None if renew_before is None else int(renew_before),
+        permitted=permitted,
+        require_name_constraints=bool(raw["node-ca-require-name-constraints"]),
     )

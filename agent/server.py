@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
+import random
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -45,12 +48,26 @@ class StartupError(Exception):
     """The agent cannot start; the message says what to fix (logged as one line)."""
 
 
+NODE_CA_TMPFS_BYTES = 1024 * 1024
+
+
 class Agent:
     """One running agent: CSI socket, volume manager, renewal scheduler, metrics endpoint."""
 
-    def __init__(self, config: AgentConfig, mounter: Mounter | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        mounter: Mounter | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.mounter = mounter or detect_mounter()
+        # Wall clock (epoch seconds) for signing, renewals and the node CA; injected in tests.
+        self.clock = clock
+        self._rng = rng or random.Random()
+        self.node_ca: Any = None  # agent.issuers.node_ca.NodeCAProvider in node CA mode
         self.metrics = AgentMetrics()
         self._serving = False
         self._stopped = threading.Event()
@@ -113,19 +130,6 @@ class Agent:
         self._prepare_data_root()
         self.store = VolumeStore(config.data_root)
         api = None if config.standalone else self._kubernetes_client()
-        self.ca_provider = self._ca_provider(api)
-        self.local_issuer = LocalCAIssuer(
-            self.ca_provider,
-            max_duration_seconds=config.max_duration_seconds,
-            allow_ca=config.allow_ca,
-            allowed_namespaces=config.allowed_namespaces,
-        )
-        try:
-            self.metrics.set_ca_expiry(self.local_issuer.ca_not_after().timestamp())
-        except AgentError as exc:
-            log.error("the local CA cannot sign yet", extra={"error": exc.message})
-        else:
-            self._check_allow_ca()
         cert_manager: Issuer | None = None
         if api is not None:
             from agent.issuers.certmanager import CertManagerIssuer
@@ -133,6 +137,23 @@ class Agent:
             cert_manager = CertManagerIssuer(
                 api, node_id=config.node_id, driver_name=config.driver_name
             )
+        self.ca_provider = self._ca_provider(api, cert_manager)
+        self.local_issuer = LocalCAIssuer(
+            self.ca_provider,
+            max_duration_seconds=config.max_duration_seconds,
+            allow_ca=config.allow_ca,
+            allowed_namespaces=config.allowed_namespaces,
+            clock=lambda: dt.datetime.fromtimestamp(self.clock(), dt.UTC),
+            leaf_guard=None if self.node_ca is None else self.node_ca.check_leaf,
+        )
+        if self.node_ca is None:
+            # Node CA mode reports its (short-lived) CA in cert_agent_node_ca_* instead.
+            try:
+                self.metrics.set_ca_expiry(self.local_issuer.ca_not_after().timestamp())
+            except AgentError as exc:
+                log.error("the local CA cannot sign yet", extra={"error": exc.message})
+            else:
+                self._check_allow_ca()
         self.issuers = IssuerRouter(self.local_issuer, cert_manager)
         self.manager = VolumeManager(
             store=self.store,
@@ -141,8 +162,12 @@ class Agent:
             metrics=self.metrics,
             node_id=config.node_id,
             issue_timeout_seconds=config.issue_timeout_seconds,
+            clock=self.clock,
+            rng=self._rng,
         )
-        self.scheduler = RenewalScheduler(self.manager.renew, workers=config.renewal_workers)
+        self.scheduler = RenewalScheduler(
+            self.manager.renew, workers=config.renewal_workers, clock=self.clock, rng=self._rng
+        )
         self.manager.attach_scheduler(self.scheduler)
         if self._rotation is not None:
             rotation, manager = self._rotation, self.manager
@@ -151,6 +176,8 @@ class Agent:
             )
         recovered = self.manager.recover()
         self._closers.append(lambda: self.scheduler.stop(STOP_GRACE_SECONDS))
+        # Certificates of an earlier node CA (renewed while the agent was down) move over too.
+        self.move_to_node_ca()
         self.scheduler.start()
         self._start_grpc()
         self.interruptible = False
@@ -219,8 +246,12 @@ class Agent:
             )
         )
 
-    def _ca_provider(self, api: Any) -> CAProvider:
+    def _ca_provider(self, api: Any, cert_manager: Issuer | None) -> CAProvider:
         config = self.config
+        if config.node_ca is not None:
+            if api is None or cert_manager is None:
+                raise RuntimeError("--node-ca-issuer-name needs Kubernetes access")
+            return self._start_node_ca(cert_manager)
         if config.ca_cert_file and config.ca_key_file:
             return StaticCAProvider(load_ca_files(config.ca_cert_file, config.ca_key_file))
         if config.ca_dir:
@@ -241,6 +272,71 @@ class Agent:
             self._rotation = rotation
             return rotation.provider
         return StaticCAProvider(ensure_self_signed_ca(config.data_root / "ca"))
+
+    def _start_node_ca(self, requester: Issuer) -> CAProvider:
+        from agent.issuers.node_ca import NodeCAProvider, NodeCASettings
+        from agent.issuers.node_ca_store import NodeCAStore
+        from agent.spec.model import IssuerRef
+
+        config = self.config
+        node_ca = config.node_ca
+        assert node_ca is not None
+        # The node key lives on a tmpfs of its own: never on a disk, never in a pod volume.
+        directory = config.data_root / "node-ca"
+        if self.mounter.can_mount and not self.mounter.is_mountpoint(directory):
+            # Mounted by this start: a start that fails takes it away again (a tmpfs found
+            # mounted holds the node CA a restart reuses, and stays).
+            self._rollback.append(lambda: self.mounter.unmount(directory))
+        self.mounter.ensure_tmpfs(directory, NODE_CA_TMPFS_BYTES)
+        settings = NodeCASettings(
+            issuer=IssuerRef(node_ca.issuer_name, node_ca.issuer_kind, node_ca.issuer_group),
+            namespace=node_ca.namespace,
+            node_id=config.node_id,
+            permitted=node_ca.permitted,
+            duration_seconds=node_ca.duration_seconds,
+            renew_before_seconds=node_ca.renew_before_seconds,
+            require_name_constraints=node_ca.require_name_constraints,
+            pod_name=config.pod_name,
+            pod_uid=config.pod_uid,
+            pod_namespace=config.pod_namespace,
+            request_timeout_seconds=config.issue_timeout_seconds,
+        )
+        self.metrics.enable_node_ca()
+        provider = NodeCAProvider(
+            settings,
+            requester,
+            NodeCAStore(directory),
+            metrics=self.metrics,
+            clock=self.clock,
+            rng=self._rng,
+            on_renewed=self.move_to_node_ca,
+        )
+        self.node_ca = provider
+        self._closers.append(provider.stop)
+        provider.start()
+        return provider
+
+    def move_to_node_ca(self) -> None:
+        """Reissue, spread out, every pod certificate the current node CA did not sign, each
+        before its own (old-CA-capped) expiry; no-op outside node CA mode."""
+        from agent.issuers.node_ca import reissue_due
+
+        manager, scheduler = getattr(self, "manager", None), getattr(self, "scheduler", None)
+        if self.node_ca is None or manager is None or scheduler is None:
+            return  # on start, recover() runs first and calls this again
+        try:
+            signer = self.node_ca.current().certificate
+        except AgentError:
+            return
+        now, moved = self.clock(), 0
+        for volume_id, not_after in manager.volumes_not_signed_by(signer):
+            due = reissue_due(now, not_after, self._rng)
+            scheduled = scheduler.due_time(volume_id)
+            if scheduled is None or due < scheduled:
+                scheduler.schedule(volume_id, due)
+                moved += 1
+        if moved:
+            log.info("moving pod certificates to the new node CA", extra={"volumes": moved})
 
     def _reissue_all(self) -> None:
         """The local CA changed: renew its volumes now (the renewal workers bound the rate)."""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,12 +124,14 @@ class Pod:
 class RunningAgent:
     """An Agent started in this process, with a real gRPC client on its socket."""
 
-    def __init__(self, tmp: Path, **overrides: object) -> None:
+    def __init__(
+        self, tmp: Path, clock: Callable[[], float] | None = None, **overrides: object
+    ) -> None:
         from agent.server import Agent
 
         self.tmp = tmp
         self.config = make_config(tmp, **overrides)
-        self.agent = Agent(self.config)
+        self.agent = Agent(self.config, clock=clock or time.time)
         self.agent.start()
         self.client = CSIClient(self.config.endpoint, timeout=30)
 

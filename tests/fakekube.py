@@ -1299,6 +1299,9 @@ class FakeSigner:
     ``mode``: ``issue`` (approve and sign), ``deny`` (an approval policy denies), ``fail`` (approve,
     then signing fails), ``hold`` (approve, then leave pending with Ready=False/Pending until
     ``release``), ``invalid`` (approve, then InvalidRequest). ``delay`` slows every step.
+    Like cert-manager's CA issuer it signs ``isCA`` requests as CA:TRUE *without* a path length
+    and copies the CSR's name constraints (``copy_name_constraints=False``: an issuer that drops
+    them). ``clock`` gives "now" for notBefore (tests with an injected clock).
     ``issuers`` lists the ``(kind, name)`` it serves; other requests stay pending with the message
     cert-manager shows for a missing issuer.
     """
@@ -1308,6 +1311,8 @@ class FakeSigner:
     delay: float = 0.0
     include_ca: bool = True
     chain_includes_ca: bool = False
+    copy_name_constraints: bool = True
+    clock: Callable[[], dt.datetime] | None = None
     issuers: set[tuple[str, str]] = field(
         default_factory=lambda: {("Issuer", "ca-issuer"), ("ClusterIssuer", "ca-cluster-issuer")}
     )
@@ -1472,7 +1477,7 @@ class FakeSigner:
         self.signed.append(name)
 
     def sign(self, csr: x509.CertificateSigningRequest, spec: Obj) -> x509.Certificate:
-        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        now = (self.clock() if self.clock else dt.datetime.now(dt.UTC)).replace(microsecond=0)
         lifetime = parse_go_duration(spec.get("duration", "2160h"))
         builder = (
             x509.CertificateBuilder()
@@ -1501,6 +1506,17 @@ class FakeSigner:
         if ext:
             builder = builder.add_extension(x509.ExtendedKeyUsage(ext), critical=False)
         builder = builder.add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), True)
+        if is_ca and self.copy_name_constraints:
+            with contextlib.suppress(x509.ExtensionNotFound):
+                nc = csr.extensions.get_extension_for_class(x509.NameConstraints)
+                builder = builder.add_extension(nc.value, critical=True)
+        # As Go's x509.CreateCertificate: a subject key id, and the issuer's as authority key id.
+        builder = builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
+        ).add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()),
+            critical=False,
+        )
         return builder.sign(self.ca_key, hashes.SHA256())
 
 

@@ -32,6 +32,8 @@ class IssuedCertificate:
 
     chain_pem: bytes
     ca_pem: bytes
+    # Where it came from, for logs and messages: ``namespace/name`` of a CertificateRequest.
+    request: str = ""
 
     @property
     def leaf(self) -> x509.Certificate:

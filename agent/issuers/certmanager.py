@@ -283,7 +283,7 @@ class CertManagerIssuer:
         }
         if spec.duration_seconds is not None:
             cr_spec["duration"] = go_duration(spec.duration_seconds)
-        return {
+        body: Obj = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "CertificateRequest",
             "metadata": {
@@ -296,21 +296,23 @@ class CertManagerIssuer:
                     "app.kubernetes.io/managed-by": self._driver_name,
                 },
                 "annotations": annotations,
-                # The garbage collector needs only the uid; blockOwnerDeletion would need
-                # permission on pods/finalizers and would hold up pod deletion for nothing.
-                "ownerReferences": [
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "name": request.pod.name,
-                        "uid": request.pod.uid,
-                        "controller": False,
-                        "blockOwnerDeletion": False,
-                    }
-                ],
             },
             "spec": cr_spec,
         }
+        if request.pod.uid:
+            # The garbage collector needs only the uid; blockOwnerDeletion would need
+            # permission on pods/finalizers and would hold up pod deletion for nothing.
+            body["metadata"]["ownerReferences"] = [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": request.pod.name,
+                    "uid": request.pod.uid,
+                    "controller": False,
+                    "blockOwnerDeletion": False,
+                }
+            ]
+        return body
 
     def _delete_failed(self, namespace: str, existing: list[Obj]) -> list[Obj]:
         """Before a new attempt, drop denied/failed requests so retries do not pile them up.
@@ -559,7 +561,7 @@ def _outcome(cr: Obj, csr_pem: bytes) -> IssuedCertificate | None:
     if not ca_pem:
         # cert-manager sets status.ca on a best-effort basis; the chain's top is what we have.
         ca_pem = chain[-1].public_bytes(serialization.Encoding.PEM)
-    return IssuedCertificate(chain_pem=chain_pem, ca_pem=ca_pem)
+    return IssuedCertificate(chain_pem=chain_pem, ca_pem=ca_pem, request=ref)
 
 
 def _timeout(cr: Obj, timeout_seconds: float) -> DeadlineExceeded:

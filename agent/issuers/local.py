@@ -45,6 +45,7 @@ class LocalCAIssuer:
         allow_ca: bool = False,
         allowed_namespaces: frozenset[str] | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
+        leaf_guard: Callable[[x509.Name, list[x509.GeneralName]], None] | None = None,
     ) -> None:
         if max_duration_seconds <= 0:
             raise ValueError("max_duration_seconds must be positive")
@@ -53,6 +54,8 @@ class LocalCAIssuer:
         self._allow_ca = allow_ca
         self._allowed_namespaces = allowed_namespaces
         self._clock = clock
+        # Raises PermissionDenied for names the CA may not sign (the node CA's name constraints).
+        self._leaf_guard = leaf_guard
 
     @property
     def name(self) -> str:
@@ -92,6 +95,8 @@ class LocalCAIssuer:
                 "least one SAN",
                 attribute="common-name",
             )
+        if self._leaf_guard is not None:
+            self._leaf_guard(subject, sans)
         key_usage, extended = usages_to_extensions(spec.key_usages, is_ca=spec.is_ca)
         public_key = csr.public_key()
         builder = (

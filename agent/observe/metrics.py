@@ -50,6 +50,17 @@ GRPC_BUCKETS = ISSUE_BUCKETS
 
 _VOLUME_LABELS = ("namespace", "pod", "volume_id", "issuer")
 
+NODE_CA_OUTCOMES = (
+    "issued",
+    "permission_denied",
+    "deadline_exceeded",
+    "unavailable",
+    "failed",
+    "failed_precondition",
+    "invalid_request",
+    "error",
+)
+
 
 class AgentMetrics:
     """All of the agent's metrics. Thread-safe."""
@@ -118,6 +129,32 @@ class AgentMetrics:
         self.ca_expiry = Gauge(
             "cert_agent_ca_expiry_timestamp_seconds",
             "notAfter of the local CA certificate (Unix time).",
+            registry=r,
+        )
+        # Node CA mode (0 / absent otherwise).
+        self.node_ca_expiry = Gauge(
+            "cert_agent_node_ca_expiry_timestamp_seconds",
+            "notAfter of this node's intermediate CA (Unix time); 0 without node CA mode.",
+            registry=r,
+        )
+        self.node_ca_renewal = Gauge(
+            "cert_agent_node_ca_renewal_timestamp_seconds",
+            "When this node's intermediate CA is due to renew (Unix time); stays in the past "
+            "while renewals fail.",
+            registry=r,
+        )
+        self.node_ca_info = Gauge(
+            "cert_agent_node_ca_info",
+            "The node CA in use (always 1): its issuer, and who enforces its name constraints "
+            "(certificate: every verifier; agent: the issuer dropped them, only the agent).",
+            ["issuer", "name_constraints"],
+            registry=r,
+        )
+        self.node_ca_requests = Counter(
+            "cert_agent_node_ca_requests",
+            "Finished node CA requests (first issue and renewals) by outcome: issued, or the "
+            "failure reason.",
+            ["outcome"],
             registry=r,
         )
         self._init_issuer(LOCAL_ISSUER)
@@ -197,6 +234,25 @@ class AgentMetrics:
 
     def set_ca_expiry(self, timestamp: float) -> None:
         self.ca_expiry.set(timestamp)
+
+    # -------------------------------------------------------------------------- node CA
+
+    def enable_node_ca(self) -> None:
+        """Create the node CA request series at zero, so rate() sees the first of each."""
+        for outcome in NODE_CA_OUTCOMES:
+            self.node_ca_requests.labels(outcome)
+
+    def set_node_ca(
+        self, issuer: str, not_after: float, renew_at: float, *, enforced_by_agent: bool
+    ) -> None:
+        self.node_ca_expiry.set(not_after)
+        self.node_ca_renewal.set(renew_at)
+        with self._lock:
+            self.node_ca_info.clear()
+            self.node_ca_info.labels(issuer, "agent" if enforced_by_agent else "certificate").set(1)
+
+    def node_ca_request(self, outcome: str) -> None:
+        self.node_ca_requests.labels(outcome).inc()
 
 
 def _check_operation(operation: str) -> None:

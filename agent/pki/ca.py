@@ -135,7 +135,7 @@ def load_ca_dir(directory: Path, *, now: dt.datetime | None = None) -> Certifica
         if not extra_file.exists():
             return ca
         extra = _parse_certs(_read(extra_file), str(extra_file))
-        chain = _extend_chain(ca.certificate, list(ca.chain), extra)
+        chain = extend_chain(ca.certificate, list(ca.chain), extra)
         return CertificateAuthority(ca.certificate, ca.private_key, tuple(chain))
     raise CAError(
         f"CA directory {directory} holds neither {CA_CERT_NAME} + {CA_KEY_NAME} "
@@ -283,7 +283,7 @@ def _parse_certs(pem: bytes, source: str) -> list[x509.Certificate]:
         raise CAError(f"{source} does not hold a PEM certificate: {exc}") from exc
 
 
-def _extend_chain(
+def extend_chain(
     signer: x509.Certificate, chain: list[x509.Certificate], candidates: list[x509.Certificate]
 ) -> list[x509.Certificate]:
     """Append candidates that issued the current top, until none does (or a root is reached)."""

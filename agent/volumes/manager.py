@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import (
@@ -470,6 +471,23 @@ class VolumeManager:
     def local_ca_volumes(self) -> list[VolumeMeta]:
         """Metadata of the volumes the local CA signs (what a CA rotation must reissue)."""
         return [meta for meta in self.store.metas() if meta.issuer == LOCAL_ISSUER]
+
+    def volumes_not_signed_by(self, ca: x509.Certificate) -> list[tuple[str, float]]:
+        """Ready local-CA volumes whose certificate ``ca`` did not sign, with their notAfter
+        (after a node CA renewal: what must move to the new one)."""
+        found = []
+        for meta in self.local_ca_volumes():
+            if meta.state != VolumeState.READY or meta.not_after is None:
+                continue
+            spec, _pod = parse_volume_context(meta.volume_context)
+            pem = read_payload_file(self._payload_dir(meta), spec.files.certificate)
+            if pem is None:
+                continue
+            try:
+                x509.load_pem_x509_certificates(pem)[0].verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                found.append((meta.volume_id, meta.not_after))
+        return found
 
     def local_certificate_start_times(self) -> list[float | None]:
         """notBefore of each local-CA certificate (None while its first issue is pending)."""
