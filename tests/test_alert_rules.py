@@ -34,6 +34,7 @@ ALERTS = {
     "CertAgentRenewalsFailing",
     "CertAgentDown",
     "CertAgentCAExpiringSoon",
+    "CertAgentNodeCANotRenewed",
 }
 
 
