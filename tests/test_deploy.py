@@ -27,6 +27,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 OVERLAY = DEPLOY / "overlays" / "cert-manager-csi-driver"
+NODE_CA_OVERLAY = DEPLOY / "overlays" / "node-ca"
+APPROVER_POLICY = NODE_CA_OVERLAY / "approver-policy"
 KUBELET_ROOT_COMPONENT = DEPLOY / "components" / "kubelet-root"
 EXAMPLES = DEPLOY / "examples"
 CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
@@ -128,6 +130,11 @@ def base() -> list[Doc]:
 @pytest.fixture(scope="module")
 def overlay() -> list[Doc]:
     return render(OVERLAY)
+
+
+@pytest.fixture(scope="module")
+def node_ca_overlay() -> list[Doc]:
+    return render(NODE_CA_OVERLAY)
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +311,9 @@ def _all_renders(base: list[Doc], overlay: list[Doc]) -> Iterator[tuple[str, Doc
     for label, docs in (("deploy", base), ("overlay", overlay)):
         for doc in docs:
             yield label, doc
+    for directory in (NODE_CA_OVERLAY, APPROVER_POLICY):
+        for doc in render(directory):
+            yield directory.name, doc
     for example in sorted(p for p in EXAMPLES.iterdir() if (p / "kustomization.yaml").exists()):
         for doc in render(example):
             yield example.name, doc
@@ -409,7 +419,7 @@ def test_podmonitor_and_service_scrape_the_agent(base: list[Doc]) -> None:
 
 def _check_agent_matches_cli(
     docs: list[Doc], driver: str, kubelet_root: str, serve_flags: set[str], tmp_path: Path
-) -> None:
+) -> Any:
     from agent.cli import build_parser
     from agent.config import env_name, resolve
 
@@ -443,10 +453,22 @@ def _check_agent_matches_cli(
     ]
     assert rewritten != args, "the agent does not read the mounted config.yaml"
     parsed = build_parser().parse_args(["serve", *rewritten])
-    node_env = {"CERT_AGENT_NODE_ID": "node-1", **env}
+    # What the downward API gives the agent on a node.
+    downward = {
+        "spec.nodeName": "node-1",
+        "metadata.name": "cert-agent-x7k2p",
+        "metadata.uid": "0b6f3c1e-5d2a-4c8e-9f1a-2b3c4d5e6f70",
+        "metadata.namespace": ds["metadata"]["namespace"],
+    }
+    node_env = dict(env)
+    for e in agent["env"]:
+        if "valueFrom" in e:
+            node_env[e["name"]] = downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
     node_id = next(e for e in agent["env"] if e["name"] == "CERT_AGENT_NODE_ID")
     assert node_id["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     config = resolve(argparse.Namespace(**vars(parsed)), node_env)
+    assert config.pod_namespace == ds["metadata"]["namespace"]
+    assert config.pod_name and config.pod_uid
 
     assert config.driver_name == driver
     # CSI socket: the agent's endpoint, the registrar's and the probe's --csi-address, and the
@@ -494,6 +516,7 @@ def _check_agent_matches_cli(
     assert arg_values(probe)["--health-port"] == str(probe_ports["csi-healthz"])
     registrar_ports = {p["name"]: p["containerPort"] for p in registrar["ports"]}
     assert arg_values(registrar)["--http-endpoint"] == f":{registrar_ports['registrar']}"
+    return config
 
 
 def test_base_daemonset_matches_the_agent_cli(
@@ -510,6 +533,67 @@ def test_overlay_registers_the_agent_as_cert_managers_driver(
     )
     ds = find(overlay, "DaemonSet")
     assert BASE_DRIVER not in yaml.safe_dump(ds)
+
+
+def test_node_ca_overlay_runs_the_agent_in_node_ca_mode_with_only_the_rbac_it_needs(
+    node_ca_overlay: list[Doc], serve_flags: set[str], tmp_path: Path
+) -> None:
+    from agent.pki.intermediate import NODE_CA_USAGES
+
+    config = _check_agent_matches_cli(
+        node_ca_overlay, BASE_DRIVER, "/var/lib/kubelet", serve_flags, tmp_path
+    )
+    node_ca = config.node_ca
+    assert node_ca is not None and config.ca_secret is None
+    assert (node_ca.issuer_name, node_ca.issuer_kind) == ("ca-cluster-issuer", "ClusterIssuer")
+    assert node_ca.namespace == "cert-agent"  # the agent's own, from the downward API
+    assert node_ca.permitted.dns == ("svc.cluster.local",)
+    assert node_ca.permitted.uri_hosts == ("cluster.local",)
+
+    # The agent can no longer read any Secret; it may manage CertificateRequests in its namespace.
+    kinds = sorted(d["kind"] for d in node_ca_overlay)
+    assert kinds.count("Role") == 1 and kinds.count("RoleBinding") == 1
+    assert "secrets" not in yaml.safe_dump([d for d in node_ca_overlay if "Role" in d["kind"]])
+    role = find(node_ca_overlay, "Role", "cert-agent-node-ca")
+    assert role["metadata"]["namespace"] == node_ca.namespace
+    [rule] = role["rules"]
+    assert rule["apiGroups"] == ["cert-manager.io"] and rule["resources"] == ["certificaterequests"]
+    assert sorted(rule["verbs"]) == ["create", "delete", "get", "list", "watch"]
+    binding = find(node_ca_overlay, "RoleBinding", "cert-agent-node-ca")
+    assert binding["roleRef"]["name"] == "cert-agent-node-ca"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "cert-agent", "namespace": "cert-agent"}
+    ]
+    # The approver-policy allows exactly what the agent asks for, to the agent alone.
+    policy_docs = render(APPROVER_POLICY)
+    policy = find(policy_docs, "CertificateRequestPolicy", "cert-agent-node-ca")
+    spec = policy["spec"]
+    assert spec["selector"]["issuerRef"] == {
+        "name": node_ca.issuer_name,
+        "kind": node_ca.issuer_kind,
+        "group": node_ca.issuer_group,
+    }
+    assert spec["selector"]["namespace"]["matchNames"] == [node_ca.namespace]
+    assert spec["allowed"]["isCA"] is True
+    assert spec["allowed"]["usages"] == list(NODE_CA_USAGES)
+    assert spec["allowed"]["commonName"] == {"value": "cert-agent node *", "required": True}
+    assert set(spec["allowed"]) == {"commonName", "isCA", "usages"}  # no SANs at all
+    assert spec["constraints"]["privateKey"] == {"algorithm": "ECDSA", "minSize": 256}
+    from agent.spec.durations import parse_go_duration
+
+    max_duration = parse_go_duration(spec["constraints"]["maxDuration"])
+    assert parse_go_duration(spec["constraints"]["minDuration"]) <= node_ca.duration_seconds
+    assert node_ca.duration_seconds <= max_duration <= 2 * node_ca.duration_seconds
+    [use] = find(policy_docs, "ClusterRole", "cert-agent-node-ca-policy")["rules"]
+    assert use == {
+        "apiGroups": ["policy.cert-manager.io"],
+        "resources": ["certificaterequestpolicies"],
+        "verbs": ["use"],
+        "resourceNames": ["cert-agent-node-ca"],
+    }
+    policy_binding = find(policy_docs, "RoleBinding", "cert-agent-node-ca-policy")
+    assert policy_binding["metadata"]["namespace"] == node_ca.namespace
+    assert policy_binding["subjects"] == binding["subjects"]
 
 
 def test_default_metrics_port_is_the_manifests_port(serve_help: str, base: list[Doc]) -> None:
