@@ -44,6 +44,7 @@ from agent.client import CSIClient
 from agent.observe.logs import configure_logging
 from agent.pki.ca import CertificateAuthority
 from agent.volumes.mounter import read_mountinfo
+from tests.bench_node_ca import NodeCAResults, bench_node_ca, render_node_ca
 from tests.conftest import IS_ROOT, REPO, AgentProcess, Pod, RunningAgent, unmount_below
 
 ECDSA_ATTRIBUTES = {
@@ -523,7 +524,11 @@ def stats_cells(stats: Stats, scale: Callable[[float], str] = ms) -> str:
 
 
 def render(
-    info: dict[str, str], latency: LatencyResults, fleet: FleetResults, elapsed: float
+    info: dict[str, str],
+    latency: LatencyResults,
+    fleet: FleetResults,
+    elapsed: float,
+    node_ca: NodeCAResults | None = None,
 ) -> str:
     out: list[str] = []
     add = out.append
@@ -633,6 +638,8 @@ def render(
         f"p10-p90, n={read.n}) | {ms(read.median)} ms ({ms(read.p10)}-{ms(read.p90)}) |"
     )
     add("")
+
+    render_node_ca(add, node_ca)
 
     add("## Interpretation")
     add("")
@@ -836,7 +843,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"3-4. idle cost and restart with {volumes} volumes", flush=True)
         (tmp / "fleet").mkdir()
         fleet = bench_fleet(tmp / "fleet", volumes, args.idle_seconds, restarts)
-    report = render(info, latency, fleet, time.perf_counter() - started)
+        node_ca = None
+        if IS_ROOT:
+            print("5. node CA mode: API calls", flush=True)
+            (tmp / "node-ca").mkdir()
+            node_ca = bench_node_ca(tmp / "node-ca", 20 if args.quick else 100)
+            print(
+                f"  {node_ca.api_calls_for_publishes} API calls for {node_ca.pods} pods, "
+                f"{node_ca.node_ca_requests_start} CertificateRequest at start, "
+                f"{node_ca.node_ca_requests_after} after one renewal",
+                flush=True,
+            )
+    report = render(info, latency, fleet, time.perf_counter() - started, node_ca)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)

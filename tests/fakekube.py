@@ -1536,5 +1536,22 @@ def _cond(kind: str, status: str, reason: str, message: str, when: str) -> Obj:
     }
 
 
+class FakeClock:
+    """Wall-clock time (epoch seconds) that moves only when a test moves it; whole seconds, as
+    certificates count time."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    def datetime(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.now, dt.UTC)
+
+    def advance_to(self, moment: float) -> None:
+        self.now = float(moment)
+
+
 def random_name(prefix: str = "t") -> str:
     return prefix + "".join(random.choice(string.ascii_lowercase) for _ in range(6))

@@ -8,7 +8,6 @@ signer's notBefore, so renewals are tested without waiting, and nothing depends 
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import os
 import stat
 import time
@@ -28,7 +27,7 @@ from agent.config import NodeCAConfig
 from agent.pki.name_constraints import PermittedNames
 from agent.volumes.mounter import read_mountinfo
 from tests.conftest import RunningAgent, openssl
-from tests.fakekube import FakeKube, FakeSigner
+from tests.fakekube import FakeClock, FakeKube, FakeSigner
 from tests.test_csi_node import _mutual_tls_handshake
 
 NAMESPACE = "cert-agent"
@@ -40,20 +39,6 @@ POD_ATTRIBUTES = {
     "csi.cert-agent.io/key-usages": "digital signature,key encipherment,server auth,client auth",
     "csi.cert-agent.io/key-algorithm": "ECDSA",
 }
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def datetime(self) -> dt.datetime:
-        return dt.datetime.fromtimestamp(self.now, dt.UTC)
-
-    def advance_to(self, moment: float) -> None:
-        self.now = float(moment)
 
 
 @pytest.fixture
