@@ -573,6 +573,11 @@ class FakeKube:
                 self._cond.wait()
         return held
 
+    def clear_faults(self) -> None:
+        """The API answers normally again (the outage is over)."""
+        with self._cond:
+            self._faults.clear()
+
     def drop_watches(self, after_events: int, count: int = 1) -> None:
         """The next ``count`` watches are cut (connection reset mid-stream) after K events."""
         with self._cond:

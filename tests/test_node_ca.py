@@ -65,23 +65,24 @@ def start_agent(
     kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
     pod_uid = str(uuid.uuid4())
 
-    def start(**node_ca: Any) -> RunningAgent:
-        settings = NodeCAConfig(
-            issuer_name="ca-cluster-issuer",
-            issuer_kind="ClusterIssuer",
-            namespace=NAMESPACE,
-            permitted=PermittedNames.parse(dns=["svc.cluster.local"], uri_hosts=["cluster.local"]),
-            **node_ca,
-        )
+    def start(issue_timeout_seconds: float = 5.0, **node_ca: Any) -> RunningAgent:
+        fields: dict[str, Any] = {
+            "issuer_name": "ca-cluster-issuer",
+            "issuer_kind": "ClusterIssuer",
+            "namespace": NAMESPACE,
+            "permitted": PermittedNames.parse(
+                dns=["svc.cluster.local"], uri_hosts=["cluster.local"]
+            ),
+        }
         return agent_factory(  # type: ignore[no-any-return]
             standalone=False,
             kubeconfig=str(kubeconfig),
             clock=clock,
-            node_ca=settings,
+            node_ca=NodeCAConfig(**{**fields, **node_ca}),
             pod_name=AGENT_POD,
             pod_uid=pod_uid,
             pod_namespace=NAMESPACE,
-            issue_timeout_seconds=5.0,
+            issue_timeout_seconds=issue_timeout_seconds,
         )
 
     return start
@@ -314,6 +315,39 @@ def test_denied_at_start_serves_not_ready_then_becomes_ready_by_itself(
     assert verify(target).strip().endswith("OK")
     (left,) = fake.list_crs(NAMESPACE)  # the denied request was deleted before the new one
     assert left["metadata"]["name"] != denied["metadata"]["name"]
+
+
+def test_unreachable_api_at_start_serves_not_ready_then_becomes_ready(
+    start_agent: Callable[..., RunningAgent], fake: FakeKube, node_signer: FakeSigner
+) -> None:
+    fake.fail_next(10_000, 503, method="POST", path_contains="/certificaterequests")
+    agent = start_agent(issue_timeout_seconds=0.5)
+    node_ca_of(agent).wait_for_attempts(1)
+    ready, reason = agent.agent.ready()
+    assert not ready and ISSUER in reason
+    assert f'create certificaterequests.cert-manager.io in namespace "{NAMESPACE}"' in reason
+    pod = agent.pod("es-0", namespace="elastic")
+    with pytest.raises(grpc.RpcError) as error:
+        agent.publish(pod, POD_ATTRIBUTES)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert metric(agent, 'cert_agent_node_ca_requests_total{outcome="unavailable"}') == 1
+
+    fake.clear_faults()
+    node_ca_of(agent).wake()
+    node_ca_of(agent).wait_for_attempts(2)
+    assert agent.agent.ready() == (True, "")
+    assert verify(agent.publish(pod, POD_ATTRIBUTES)).strip().endswith("OK")
+
+
+def test_a_request_outside_the_agents_namespace_has_no_owner(
+    start_agent: Callable[..., RunningAgent], fake: FakeKube, node_signer: FakeSigner
+) -> None:
+    agent = start_agent(namespace="pki")
+    node_ca_of(agent).wait_for_attempts(1)
+    assert agent.agent.ready() == (True, "")
+    (request,) = fake.list_crs("pki")
+    # An owner reference cannot cross namespaces: the garbage collector would delete it at once.
+    assert "ownerReferences" not in request["metadata"]
 
 
 def test_restart_reuses_a_valid_node_ca_without_a_request(

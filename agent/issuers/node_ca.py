@@ -269,6 +269,9 @@ class NodeCAProvider:
         issued = self._requester.issue(
             self._issue_request(csr_pem), self.settings.request_timeout_seconds
         )
+        with self._cond:
+            if self._stopping:
+                return  # a stopped agent leaves the tmpfs to its successor
         ca, trust = self._validate(key, issued)
         self._store.save(
             StoredNodeCA(
