@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.pki.ca import CAError
 from agent.pki.csr import der_utf8_string
-from agent.pki.intermediate import build_node_ca_csr, generate_node_ca_key
+from agent.pki.intermediate import build_node_ca_csr, generate_node_ca_key, node_ca_from_issued
 from agent.pki.name_constraints import ConstraintError, PermittedNames, carries, violations
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -196,3 +197,29 @@ def test_csr_carries_the_constraints_and_carries_compares_them() -> None:
     assert carries(with_them, DEFAULTS.extension())
     assert not carries(other, DEFAULTS.extension())
     assert not carries(without, DEFAULTS.extension())
+
+
+@pytest.mark.parametrize(("ahead", "accepted"), [(30, True), (299, True), (600, False)])
+def test_a_node_ca_from_an_issuer_whose_clock_runs_ahead(ahead: int, accepted: bool) -> None:
+    root_key, key = ec.generate_private_key(ec.SECP256R1()), generate_node_ca_key()
+    root = _cert(
+        _name("root"), root_key, _name("root"), root_key, (x509.BasicConstraints(True, None), True)
+    )
+    start = NOW + dt.timedelta(seconds=ahead)
+    node = (
+        x509.CertificateBuilder()
+        .subject_name(_name("cert-agent node n1"))
+        .issuer_name(_name("root"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(hours=24))
+        .add_extension(x509.BasicConstraints(True, None), True)
+        .sign(root_key, hashes.SHA256())
+    )
+    if accepted:
+        ca = node_ca_from_issued(key, _pem(node), _pem(root), "test", NOW)
+        assert ca.certificate == node and ca.root == root
+    else:
+        with pytest.raises(CAError, match="is not valid before"):
+            node_ca_from_issued(key, _pem(node), _pem(root), "test", NOW)

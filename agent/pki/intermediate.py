@@ -60,12 +60,17 @@ def build_node_ca_csr(
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
+# The issuer's clock may run ahead of the node's: a node CA "not valid yet" by up to this much is
+# accepted rather than thrown away and requested again.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
 def node_ca_from_issued(
     key: PrivateKey, chain_pem: bytes, ca_pem: bytes, source: str, now: dt.datetime
 ) -> CertificateAuthority:
     """The signing CA from an issued ``status.certificate`` (node CA first, then any chain) and
-    ``status.ca`` (the root). Validated like every CA: key matches, CA:TRUE, keyCertSign, in date,
-    each certificate issued by the next."""
+    ``status.ca`` (the root). Validated like every CA: key matches, CA:TRUE, keyCertSign, in date
+    (within ``CLOCK_SKEW`` of its notBefore), each certificate issued by the next."""
     try:
         issued = x509.load_pem_x509_certificates(chain_pem)
         roots = x509.load_pem_x509_certificates(ca_pem) if ca_pem.strip() else []
@@ -73,6 +78,9 @@ def node_ca_from_issued(
         raise CAError(f"{source} does not hold PEM certificates: {exc}") from exc
     chain = extend_chain(issued[0], list(issued[1:]), roots)
     ca = CertificateAuthority(issued[0], key, tuple(chain))
+    not_before = issued[0].not_valid_before_utc
+    if now < not_before <= now + CLOCK_SKEW:
+        now = not_before
     validate_ca(ca, f"{source} (certificate)", f"{source} (node key)", now)
     return ca
 
