@@ -32,7 +32,7 @@ from tests.test_csi_node import _mutual_tls_handshake
 
 NAMESPACE = "cert-agent"
 AGENT_POD = "cert-agent-x7k2p"
-ISSUER = "ClusterIssuer/ca-cluster-issuer.cert-manager.io"
+ISSUER = "ClusterIssuer ca-cluster-issuer (cert-manager.io)"
 POD_ATTRIBUTES = {
     "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local",
     "csi.cert-agent.io/uri-sans": "spiffe://cluster.local/ns/${POD_NAMESPACE}/sa/default",
@@ -113,7 +113,7 @@ def metric(agent: RunningAgent, line_start: str) -> float:
     for line in text.splitlines():
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no metric line starts with {line_start}")
+    raise AssertionError(f"no metric line starts with {line_start}:\n{text}")
 
 
 def node_ca_text(agent: RunningAgent) -> str:

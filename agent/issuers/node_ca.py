@@ -142,7 +142,7 @@ class NodeCAProvider:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(2)  # a request in flight cannot be cut; the thread is a daemon
+            self._thread.join(0.5)  # a request in flight cannot be cut; the thread is a daemon
 
     def wake(self) -> None:
         """Look again now: after a retry-worthy change (tests, ``make bench``), or a clock jump."""
