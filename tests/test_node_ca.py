@@ -452,3 +452,36 @@ def test_a_failed_renewal_keeps_signing_with_the_old_node_ca(
     clock.advance_to(old.not_valid_after_utc.timestamp() + 1)
     ready, reason = agent.agent.ready()
     assert not ready and "expired" in reason and ISSUER in reason
+
+
+# ---------------------------------------------------------------------------- timing rules
+
+
+def test_renewal_time_is_a_third_ahead_less_a_bounded_spread() -> None:
+    import random
+
+    from agent.issuers.node_ca import renewal_time
+
+    day = 24 * 3600.0
+    times = [renewal_time(0.0, day, None, random.Random(seed)) for seed in range(200)]
+    assert all(day * 2 / 3 - 0.05 * day <= t <= day * 2 / 3 for t in times)
+    assert len(set(times)) == len(times)  # spread out
+    explicit = renewal_time(0.0, day, 3600, random.Random(1))
+    assert day - 3600 - 0.05 * day <= explicit <= day - 3600
+    # A renew-before the issued lifetime cannot honour (the issuer shortened it): a third.
+    short = renewal_time(0.0, 3600.0, 7200, random.Random(1))
+    assert 3600 * 2 / 3 - 180 <= short <= 3600 * 2 / 3
+    # Spread at most an hour, whatever the lifetime.
+    year = 365 * day
+    assert renewal_time(0.0, year, None, random.Random(2)) >= year * 2 / 3 - 3600
+
+
+def test_pods_move_within_the_first_half_of_what_their_certificate_has_left() -> None:
+    import random
+
+    from agent.issuers.node_ca import reissue_due
+
+    rng = random.Random(3)
+    dues = [reissue_due(1000.0, 1000.0 + 8 * 3600, rng) for _ in range(100)]
+    assert all(1000.0 <= d <= 1000.0 + 4 * 3600 for d in dues)
+    assert reissue_due(1000.0, 900.0, rng) == 1000.0  # already expired: at once
