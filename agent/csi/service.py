@@ -152,7 +152,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
 
 def publish_request_from_proto(request: csi_pb2.NodePublishVolumeRequest) -> PublishRequest:
-    """Check the CSI fields (DESIGN §1) and turn them into the manager's request."""
+    """Check the CSI fields (docs/architecture.md, "Publish"); make the manager's request."""
     if not request.volume_id:
         raise InvalidArgument("volume_id is required")
     if not request.target_path:

@@ -1,4 +1,4 @@
-"""Turn a CSI ``volume_context`` into a validated CertificateSpec (DESIGN.md §2).
+"""Turn a CSI ``volume_context`` into a validated CertificateSpec (README.md, "Volume attributes").
 
 Pure functions: no I/O. Every problem becomes an InvalidArgument whose message names the
 attribute by the full key the user wrote (``csi.cert-manager.io/dns-names``), shows the offending
