@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from agent.errors import Unavailable
 from agent.issuers.base import IssuedCertificate, Issuer, IssueRequest
 from agent.pki.keys import load_private_key
-from tests.conftest import AgentProcess, RunningAgent
+from tests.conftest import FakeClock, RunningAgent, wait_for
 
 SHORT_LIVED = {
     "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc",
@@ -43,15 +43,6 @@ def public_der(obj: object) -> bytes:
     return obj.public_key().public_bytes(  # type: ignore[attr-defined, no-any-return]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rotation_never_shows_a_mismatched_pair_or_a_missing_file(agent: RunningAgent) -> None:
@@ -117,6 +108,7 @@ class FlakyIssuer:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
+        self.returned = threading.Event()
         self.calls = 0
 
     @property
@@ -125,11 +117,15 @@ class FlakyIssuer:
 
     def issue(self, request: IssueRequest, timeout_seconds: float) -> IssuedCertificate:
         self.calls += 1
+        self.returned.clear()
         self.entered.set()
-        self.gate.wait(30)
-        if self.failing.is_set():
-            raise Unavailable("issuer down for the test")
-        return self.inner.issue(request, timeout_seconds)
+        try:
+            self.gate.wait(30)
+            if self.failing.is_set():
+                raise Unavailable("issuer down for the test")
+            return self.inner.issue(request, timeout_seconds)
+        finally:
+            self.returned.set()
 
     def ready(self) -> tuple[bool, str]:
         return self.inner.ready()
@@ -180,47 +176,89 @@ def test_unpublish_during_a_running_renewal_leaves_nothing_behind(agent: Running
     flaky.entered.clear()
     assert flaky.entered.wait(10), "renewal did not start"
 
-    started = time.monotonic()
-    agent.client.unpublish(pod.volume_id, str(target))  # not blocked by the slow issuer
-    assert time.monotonic() - started < 5
+    agent.client.unpublish(pod.volume_id, str(target))
+    # Not blocked by the slow issuer: it answered while the issuer still holds the renewal.
+    assert not flaky.returned.is_set()
     flaky.gate.set()
-    time.sleep(0.5)  # let the renewal finish and find the volume gone
+    # The renewal finishes, finds the volume gone and writes nothing.
+    wait_for(
+        lambda: flaky.returned.is_set() and agent.agent.scheduler.running() == 0,
+        30,
+        "the renewal to finish",
+    )
+    assert agent.agent.scheduler.pending() == 0
     assert not target.exists()
     assert os.listdir(agent.config.data_root / "volumes") == []
     assert 'volume_id="' + pod.volume_id not in scrape(agent)
 
 
 def test_restart_mid_schedule_renews_each_volume_once_at_its_time(
-    agent_process: object, tmp_path: Path
+    agent_factory: Any,
 ) -> None:
-    import subprocess
-    import sys
+    """A restarted agent resumes each volume's schedule: no reissue, each renews once when due.
 
-    from tests.conftest import REPO
-
-    first: AgentProcess = agent_process()  # type: ignore[operator]
-    targets = [tmp_path / "pods" / f"es-{i}" / "mount" for i in range(3)]
-    for i, target in enumerate(targets):
-        args = ["publish", "--endpoint", first.endpoint, "--target", str(target)]
-        args += ["--pod-name", f"es-{i}", "--attr", "dns-names=${POD_NAME}.example.com"]
-        args += ["--attr", "key-algorithm=ECDSA", "--attr", "duration=8s"]
-        args += ["--attr", "renew-before=4s"]
-        subprocess.run([sys.executable, "-m", "agent.cli", *args], check=True, cwd=REPO)
+    Time is a fake clock moved by hand, so "not yet due" and "due" are exact, whatever the load.
+    """
+    clock = FakeClock()
+    first: RunningAgent = agent_factory(clock=clock)
+    attributes = {
+        "csi.cert-agent.io/dns-names": "${POD_NAME}.example.com",
+        "csi.cert-agent.io/key-algorithm": "ECDSA",
+        "csi.cert-agent.io/duration": "1h",
+        "csi.cert-agent.io/renew-before": "30m",
+    }
+    pods = [first.pod(f"es-{i}") for i in range(3)]
+    targets = [first.publish(pod, attributes) for pod in pods]
     serials = [serial_of(t) for t in targets]
-    first_log = first.stop()
-    assert "renewed certificate" not in first_log
+    store = first.agent.store
+    dues = {pod.volume_id: _next_renewal(store, pod.volume_id) for pod in pods}
+    for due in dues.values():  # 30 min before expiry, less a spread of at most 5 % (3 min)
+        assert clock() + 27 * 60 <= due <= clock() + 30 * 60
+    clock.advance(20 * 60)  # mid-schedule: nothing is due yet
+    first.stop()
+    assert renewals(first) == 0
 
-    second: AgentProcess = agent_process()  # type: ignore[operator]
-    wait_for(
-        lambda: all(serial_of(t) != s for t, s in zip(targets, serials, strict=True)),
-        15,
-        "every volume renewed after the restart",
+    second: RunningAgent = agent_factory(clock=clock)
+    scheduler = second.agent.scheduler
+    # Recovered, not reissued: the same certificates, the same due times.
+    assert [serial_of(t) for t in targets] == serials
+    assert {v: scheduler.due_time(v) for v in dues} == dues
+
+    # Move the clock past one volume's due time at a time: exactly that volume renews.
+    order = sorted(dues, key=dues.__getitem__)
+    renewed: list[str] = []
+    for volume_id in order:
+        clock.set(dues[volume_id] + 1)
+        scheduler.wake()
+        renewed.append(volume_id)
+        expected = len(renewed)
+        wait_for(
+            lambda n=expected: renewals(second) == n and scheduler.running() == 0,
+            30,
+            f"the renewal of {volume_id}",
+        )
+        for pod, target, serial in zip(pods, targets, serials, strict=True):
+            changed = serial_of(target) != serial
+            assert changed == (pod.volume_id in renewed), pod.volume_id
+        assert scheduler.pending() == 3
+        assert all(scheduler.due_time(v) > clock() for v in dues)  # type: ignore[operator]
+        cert = x509.load_pem_x509_certificate(
+            (targets[[p.volume_id for p in pods].index(volume_id)] / "tls.crt").read_bytes()
+        )
+        assert cert.not_valid_before_utc.timestamp() == int(clock())
+    assert renewals(second) == 3
+
+
+def _next_renewal(store: Any, volume_id: str) -> float:
+    meta = store.load(volume_id)
+    assert meta is not None and meta.next_renewal is not None
+    return float(meta.next_renewal)
+
+
+def renewals(agent: RunningAgent) -> int:
+    """Finished renewals (successful or failed) of the local issuer, from the agent's metrics."""
+    metrics = agent.agent.metrics
+    value = metrics.registry.get_sample_value(
+        "cert_agent_issue_duration_seconds_count", {"issuer": "local", "operation": "renew"}
     )
-    renewed_at = time.time()
-    time.sleep(1.0)  # the next renewals are ~4 s away: none may happen twice now
-    log = second.stop()
-    assert log.count('"renewed certificate"') == 3, log
-    for target in targets:
-        cert = x509.load_pem_x509_certificate((target / "tls.crt").read_bytes())
-        # Renewed no earlier than renew-before (plus spread) ahead of the old expiry.
-        assert cert.not_valid_before_utc.timestamp() <= renewed_at
+    return int(value or 0)
