@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,7 @@ def test_restart_mid_schedule_renews_each_volume_once_at_its_time(
     """
     clock = FakeClock()
     first: RunningAgent = agent_factory(clock=clock)
+    clock.set(time.time())  # not before the standalone CA the agent just made
     attributes = {
         "csi.cert-agent.io/dns-names": "${POD_NAME}.example.com",
         "csi.cert-agent.io/key-algorithm": "ECDSA",

@@ -26,11 +26,15 @@ import agent
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LOCAL_ISSUER = "local"
+CERT_MANAGER_ISSUER = "cert-manager"
 OPERATIONS = ("issue", "renew")
 
 # Failure reasons pre-created at zero for each issuer, so rate() and the "renewals failing" alert
-# see a failure's first increment: AgentError.reason values plus "error" (any other exception).
+# see a failure's first increment: AgentError.reason values, "storage" and "mount" (a step on the
+# node failed after or before the issuer answered), and "error" (any other exception).
 KNOWN_FAILURE_REASONS = (
+    "storage",
+    "mount",
     "invalid_argument",
     "permission_denied",
     "deadline_exceeded",

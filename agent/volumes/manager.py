@@ -8,13 +8,14 @@ failure: the old files stay until new ones are complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,7 +34,7 @@ from agent.errors import (
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
 from agent.issuers.router import IssuerRouter
-from agent.observe.metrics import LOCAL_ISSUER, AgentMetrics
+from agent.observe.metrics import CERT_MANAGER_ISSUER, LOCAL_ISSUER, AgentMetrics
 from agent.pki.csr import build_csr
 from agent.pki.keys import (
     PrivateKey,
@@ -85,6 +86,29 @@ class _NoScheduler:
 
     def cancel(self, volume_id: str) -> None:
         pass
+
+
+# Failure reasons of steps on the node (the issuer's own failures carry AgentError.reason).
+STORAGE = "storage"  # the key, payload or metadata could not be read or written (tmpfs full, ...)
+MOUNT = "mount"  # the payload could not be bind-mounted onto the target
+
+
+class _Attempt:
+    """What ``VolumeManager._attempt`` needs to count one attempt: labels, step, issuer time."""
+
+    def __init__(self, operation: str, metrics: AgentMetrics) -> None:
+        self.operation = operation
+        self._metrics = metrics
+        self.issuer: str | None = None  # set by start(); an attempt never started is not counted
+        self.step: str | None = None  # a node-side step in progress: its name is the reason
+        self.issuer_seconds = 0.0
+
+    def start(self, issuer: str) -> None:
+        self.issuer = issuer
+        self._metrics.issue_started(issuer, self.operation)
+
+    def reason_for(self, error_reason: str) -> str:
+        return self.step or error_reason
 
 
 class VolumeManager:
@@ -159,16 +183,29 @@ class VolumeManager:
                     created_at=now,
                     updated_at=now,
                 )
-                self.store.save(meta)
-                self.metrics.set_managed_volumes(self.store.count())
+                self._first_issue(meta, spec, pod, new=True)
+                return
             self._first_issue(meta, spec, pod)
 
-    def _first_issue(self, meta: VolumeMeta, spec: CertificateSpec, pod: PodInfo) -> None:
-        """Issue and publish a volume that has never served a certificate (lock held)."""
+    def _first_issue(
+        self, meta: VolumeMeta, spec: CertificateSpec, pod: PodInfo, *, new: bool = False
+    ) -> None:
+        """Issue and publish a volume that has never served a certificate (lock held).
+
+        A ``new`` volume's metadata is saved first, in state ``issuing``, so a crash mid-issue is
+        finished on start.
+        """
         try:
-            key = self._select_key(meta, spec, "issue")
-            issued = self._issue(meta, spec, pod, key, "issue")
-            self._commit(meta, spec, pod, key, issued)
+            with self._attempt("issue") as attempt:
+                attempt.start(self._issuer_label(spec))
+                if new:
+                    attempt.step = STORAGE
+                    self.store.save(meta)
+                    attempt.step = None
+                    self.metrics.set_managed_volumes(self.store.count())
+                key = self._select_key(meta, spec, "issue", attempt)
+                issued = self._issue(meta, spec, pod, key, attempt)
+                self._commit(meta, spec, pod, key, issued, attempt)
         except DeadlineExceeded:
             # The pending request and its key stay, so kubelet's retry picks them up.
             raise
@@ -259,25 +296,27 @@ class VolumeManager:
 
     def renew(self, volume_id: str) -> float | None:
         """Scheduler callback: renew (or finish) a volume; returns its next due time or None."""
-        with self._locks.hold(volume_id):
-            meta = self.store.load(volume_id)
-            if meta is None:
-                return None
-            spec, pod = parse_volume_context(meta.volume_context)
-            if meta.state != VolumeState.READY:
-                # A first issue that never finished (the agent stopped during it): finish it.
-                self._first_issue(meta, spec, pod)
-                return meta.next_renewal
-            key = self._select_key(meta, spec, "renew")
-            generation = meta.created_at
-        # Issue without the lock, so unpublish and publish retries are never kept waiting.
-        issued = self._issue(meta, spec, pod, key, "renew")
-        with self._locks.hold(volume_id):
-            current = self.store.load(volume_id)
-            if current is None or current.created_at != generation:
-                log.info("volume went away during renewal", extra={"volume_id": volume_id})
-                return None
-            self._commit(current, spec, pod, key, issued)
+        with self._attempt("renew") as attempt:
+            with self._locks.hold(volume_id):
+                meta = self.store.load(volume_id)
+                if meta is None:
+                    return None
+                spec, pod = parse_volume_context(meta.volume_context)
+                if meta.state != VolumeState.READY:
+                    # A first issue that never finished (the agent stopped during it): finish it.
+                    self._first_issue(meta, spec, pod)
+                    return meta.next_renewal
+                attempt.start(self._issuer_label(spec))
+                key = self._select_key(meta, spec, "renew", attempt)
+                generation = meta.created_at
+            # Issue without the lock, so unpublish and publish retries are never kept waiting.
+            issued = self._issue(meta, spec, pod, key, attempt)
+            with self._locks.hold(volume_id):
+                current = self.store.load(volume_id)
+                if current is None or current.created_at != generation:
+                    log.info("volume went away during renewal", extra={"volume_id": volume_id})
+                    return None
+                self._commit(current, spec, pod, key, issued, attempt)
         log.info(
             "renewed certificate",
             extra={**_log_fields(current, pod), "serial": current.serial},
@@ -329,8 +368,42 @@ class VolumeManager:
 
     # ----------------------------------------------------------------------------- helpers
 
-    def _select_key(self, meta: VolumeMeta, spec: CertificateSpec, operation: str) -> PrivateKey:
+    @contextlib.contextmanager
+    def _attempt(self, operation: str) -> Iterator[_Attempt]:
+        """Count one issue or renewal attempt, once, from ``start()`` to the end of the block.
+
+        Every started attempt is finished (``cert_agent_issue_duration_seconds_count``) and every
+        failure counted with a reason, wherever it happens: in the issuer, or on the node after
+        the issuer answered (the tmpfs full, a mount refused). The "renewals failing" alert
+        relies on that: finished attempts minus failures are the successes.
+        """
+        attempt = _Attempt(operation, self.metrics)
+        failure: str | None = None
+        try:
+            yield attempt
+        except AgentError as exc:
+            failure = attempt.reason_for(exc.reason)
+            raise
+        except Exception:
+            failure = attempt.reason_for("error")
+            raise
+        finally:
+            if attempt.issuer is not None:
+                self.metrics.issue_finished(
+                    attempt.issuer, operation, attempt.issuer_seconds, failure
+                )
+
+    def _issuer_label(self, spec: CertificateSpec) -> str:
+        try:
+            return self.issuers.for_ref(spec.issuer).name
+        except AgentError:
+            return CERT_MANAGER_ISSUER  # not configured here; _issue reports it
+
+    def _select_key(
+        self, meta: VolumeMeta, spec: CertificateSpec, operation: str, attempt: _Attempt
+    ) -> PrivateKey:
         """A pending key (a retry of an unfinished request), the current key, or a new one."""
+        attempt.step = STORAGE
         pending = self.store.load_pending_key(meta.volume_id)
         if pending is not None:
             key = load_private_key(pending)
@@ -342,8 +415,11 @@ class VolumeManager:
                 key = load_private_key(current)
                 if key_matches_spec(key, spec.key):
                     return key
+        attempt.step = None
         key = generate_private_key(spec.key)
+        attempt.step = STORAGE
         self.store.save_pending_key(meta.volume_id, encode_private_key(key, spec.key.encoding))
+        attempt.step = None
         return key
 
     def _issue(
@@ -352,8 +428,9 @@ class VolumeManager:
         spec: CertificateSpec,
         pod: PodInfo,
         key: PrivateKey,
-        operation: str,
+        attempt: _Attempt,
     ) -> IssuedCertificate:
+        operation = attempt.operation
         issuer = self.issuers.for_ref(spec.issuer)
         request = IssueRequest(
             volume_id=meta.volume_id,
@@ -376,16 +453,12 @@ class VolumeManager:
                 "duration_seconds": spec.duration_seconds,
             },
         )
-        self.metrics.issue_started(issuer.name, operation)
         started = time.monotonic()
-        failure: str | None = "error"
         try:
             issued = issuer.issue(request, self.issue_timeout_seconds)
             _check_issued_for_key(issued, key)
-            failure = None
             return issued
         except AgentError as exc:
-            failure = exc.reason
             log.warning(
                 "%s failed: %s",
                 operation,
@@ -394,7 +467,7 @@ class VolumeManager:
             )
             raise
         finally:
-            self.metrics.issue_finished(issuer.name, operation, time.monotonic() - started, failure)
+            attempt.issuer_seconds = time.monotonic() - started
 
     def _commit(
         self,
@@ -403,10 +476,13 @@ class VolumeManager:
         pod: PodInfo,
         key: PrivateKey,
         issued: IssuedCertificate,
+        attempt: _Attempt,
     ) -> None:
         """Swap the new files in, mount, record, schedule (lock held)."""
         files = _payload_files(spec, key, issued)
+        attempt.step = STORAGE
         write_payload(self._payload_dir(meta), files, _gid(spec, meta))
+        attempt.step = None
         log.debug(
             "payload swapped in",
             extra={
@@ -417,7 +493,9 @@ class VolumeManager:
             },
         )
         if meta.mode == "mount":
+            attempt.step = MOUNT
             self._ensure_mounted(meta)
+            attempt.step = None
         not_before = issued.not_before.timestamp()
         not_after = issued.not_after.timestamp()
         meta.state = VolumeState.READY
@@ -428,8 +506,10 @@ class VolumeManager:
         meta.pending_request = None
         meta.issuer = spec.issuer.describe()
         meta.updated_at = self.clock()
+        attempt.step = STORAGE
         self.store.save(meta)
         self.store.clear_pending_key(meta.volume_id)
+        attempt.step = None
         self._publish_metrics(meta, pod)
         self.scheduler.schedule(meta.volume_id, meta.next_renewal)
         if self.on_commit is not None:
