@@ -37,7 +37,7 @@ class Setting:
     flag: str  # without the leading dashes
     help: str
     default: Any = None
-    kind: str = "str"  # str | bool | int | float | duration | list
+    kind: str = "str"  # str | bool | int | float | duration | duration-or-zero | list
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -56,6 +56,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ca-key-file", "PEM file of the local CA private key (with --ca-cert-file)"),
     Setting("ca-dir", "directory holding ca.crt and ca.key, such as a mounted Secret"),
     Setting("ca-secret", "NAMESPACE/NAME of a Secret with ca.crt and ca.key, watched for changes"),
+    Setting(
+        "ca-overlap",
+        "how long a CA replaced in the --ca-secret Secret stays in every volume's ca.crt "
+        "(default: --max-duration; never past that CA's own notAfter; 0s: until every volume "
+        "here is reissued)",
+        None,
+        "duration-or-zero",
+    ),
     # Node CA mode: the local CA is this node's own intermediate, issued by cert-manager.
     Setting(
         "node-ca-issuer-name",
@@ -174,6 +182,7 @@ class AgentConfig:
     pod_name: str | None = None
     pod_uid: str | None = None
     pod_namespace: str | None = None
+    ca_overlap_seconds: float | None = None  # None: --max-duration
 
     @property
     def socket_path(self) -> Path:
@@ -264,9 +273,9 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
             return int(value)
         if setting.kind == "float":
             return float(value)
-        if setting.kind == "duration":
+        if setting.kind in ("duration", "duration-or-zero"):
             seconds = parse_go_duration(str(value))
-            if seconds <= 0:
+            if seconds < 0 or (seconds == 0 and setting.kind == "duration"):
                 raise ValueError("must be positive")
             return seconds
         if setting.kind == "list":
@@ -374,6 +383,7 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         pod_name=raw["pod-name"],
         pod_uid=raw["pod-uid"],
         pod_namespace=raw["pod-namespace"],
+        ca_overlap_seconds=raw["ca-overlap"],
     )
 
 

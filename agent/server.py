@@ -39,6 +39,8 @@ from agent.volumes.store import VolumeStore
 
 log = logging.getLogger(__name__)
 
+CA_OVERLAP_STATE = "ca-overlap.json"  # under the data root: CAs replaced, kept in ca.crt a while
+
 # How long a stop waits for CSI calls and renewals in flight. Short: kubelet retries a cut-off
 # call, and an unfinished issue is finished on the next start (the volume records it).
 STOP_GRACE_SECONDS = 0.5
@@ -165,15 +167,16 @@ class Agent:
             clock=self.clock,
             rng=self._rng,
         )
+        self.manager.local_trust_bundle = self.ca_provider.trust_bundle_pem
         self.scheduler = RenewalScheduler(
             self.manager.renew, workers=config.renewal_workers, clock=self.clock, rng=self._rng
         )
         self.manager.attach_scheduler(self.scheduler)
         if self._rotation is not None:
-            rotation, manager = self._rotation, self.manager
-            manager.on_commit = lambda: rotation.note_issued(
-                manager.local_certificate_start_times, manager.rewrite_ca_bundles
+            self._rotation.attach(
+                self.manager.local_certificate_start_times, self.manager.rewrite_ca_bundles
             )
+            self.manager.on_commit = self._rotation.note_issued
         recovered = self.manager.recover()
         self._closers.append(lambda: self.scheduler.stop(STOP_GRACE_SECONDS))
         # Certificates of an earlier node CA (renewed while the agent was down) move over too.
@@ -261,10 +264,16 @@ class Agent:
                 raise RuntimeError("--ca-secret needs Kubernetes access; drop --standalone")
             from agent.issuers.ca_rotation import SecretCARotation
 
+            overlap = config.ca_overlap_seconds
             rotation = SecretCARotation(
                 api,
                 *config.ca_secret,
                 reissue_all=self._reissue_all,
+                # By default the longest lifetime the local CA signs: every certificate the old
+                # CA issued has expired before it leaves ca.crt.
+                overlap_seconds=config.max_duration_seconds if overlap is None else overlap,
+                state_file=config.data_root / CA_OVERLAP_STATE,
+                clock=self.clock,
                 on_load=lambda ca: self.metrics.set_ca_expiry(ca.not_after.timestamp()),
             )
             self._closers.append(rotation.stop)

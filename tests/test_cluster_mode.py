@@ -171,13 +171,8 @@ def test_local_ca_from_a_secret_rotates_without_a_restart(
     for target in targets:
         assert "OK" in openssl("verify", "-CAfile", str(target / "ca.crt"), str(target / "tls.crt"))
 
-    # Once every certificate comes from the new CA, the old one leaves every ca.crt.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if all(bundle_subjects(t) == [new_ca.subject] for t in targets):
-            break
-        time.sleep(0.1)
-    assert all(bundle_subjects(t) == [new_ca.subject] for t in targets)
+    # The old CA stays in every ca.crt for the overlap (tests/test_ca_overlap.py drops it).
+    assert all(bundle_subjects(t) == [new_ca.subject, old_issuer] for t in targets)
     assert old_issuer != new_ca.subject
     assert (other / "tls.crt").read_bytes() == other_serial
 

@@ -1,9 +1,10 @@
 """The local CA from a Kubernetes Secret (``--ca-secret NAMESPACE/NAME``), reloaded on change.
 
 The Secret holds ``ca.crt`` and ``ca.key`` (the seed's custom-CA format). A watch on that one
-Secret picks up a rotation without a restart. During a rotation the volumes' ``ca.crt`` carries
+Secret picks up a rotation without a restart. After a rotation the volumes' ``ca.crt`` carries
 the new CA and the previous one(s), so peers holding certificates from either CA keep trusting
-each other until every volume has been reissued and the manager calls ``retire_previous``.
+each other, until ``retire`` drops a previous one (``ca_rotation`` decides when: after the
+overlap).
 A broken update (bad PEM, key not matching) is logged and ignored: the agent keeps signing with
 the last good CA rather than stopping.
 """
@@ -15,7 +16,8 @@ import binascii
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Collection, Generator, Iterable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import urllib3
@@ -35,6 +37,14 @@ WATCH_SECONDS = 300  # server-side timeout of one watch; then we simply watch ag
 STARTUP_SECONDS = 30.0
 
 Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PreviousCA:
+    """A CA the Secret held before: its trust anchor (kept in ca.crt) and its notAfter."""
+
+    trust_pem: bytes
+    not_after: float  # Unix time; no certificate it issued is valid after it
 
 
 class SecretCAProvider:
@@ -60,7 +70,7 @@ class SecretCAProvider:
         self._startup_timeout = startup_timeout
         self._lock = threading.Lock()
         self._current: CertificateAuthority | None = None
-        self._previous: list[CertificateAuthority] = []
+        self._previous: list[PreviousCA] = []  # newest first
         self._data: dict[str, str] | None = None
         self._resource_version: str | None = None
         self._stop = threading.Event()
@@ -124,19 +134,40 @@ class SecretCAProvider:
         with self._lock:
             if self._current is None:
                 raise FailedPrecondition(f"the CA from {self.source} is not loaded yet")
-            parts: list[bytes] = []
-            for ca in (self._current, *self._previous):
-                if ca.trust_pem not in parts:
-                    parts.append(ca.trust_pem)
+            parts: list[bytes] = [self._current.trust_pem]
+            for previous in self._previous:
+                if previous.trust_pem not in parts:
+                    parts.append(previous.trust_pem)
         return b"".join(parts)
 
-    def retire_previous(self) -> None:
-        """Every volume now carries a certificate from the current CA: drop the old ones."""
+    def previous(self) -> list[PreviousCA]:
+        """The CAs this one replaced that are still in the trust bundle, newest first."""
         with self._lock:
-            retired = len(self._previous)
-            self._previous.clear()
+            return list(self._previous)
+
+    def retire(self, trust_pems: Collection[bytes]) -> int:
+        """Drop these previous CAs from the trust bundle; returns how many were there."""
+        with self._lock:
+            before = len(self._previous)
+            self._previous = [p for p in self._previous if p.trust_pem not in trust_pems]
+            retired = before - len(self._previous)
         if retired:
             log.info("retired previous CA(s) from the trust bundle", extra={"count": retired})
+        return retired
+
+    def retire_previous(self) -> None:
+        """Drop every previous CA from the trust bundle."""
+        self.retire({p.trust_pem for p in self.previous()})
+
+    def restore_previous(self, cas: Iterable[PreviousCA]) -> None:
+        """Trust CAs replaced before a restart again (oldest last), unless one is current."""
+        with self._lock:
+            current = self._current.trust_pem if self._current is not None else None
+            known = {p.trust_pem for p in self._previous}
+            for ca in cas:
+                if ca.trust_pem != current and ca.trust_pem not in known:
+                    self._previous.append(ca)
+                    known.add(ca.trust_pem)
 
     @property
     def rotating(self) -> bool:
@@ -210,8 +241,12 @@ class SecretCAProvider:
                 self._current = ca
                 return
             if old is not None:
-                self._previous = [p for p in self._previous if p.cert_pem != ca.cert_pem]
-                self._previous.insert(0, old)
+                replaced = PreviousCA(old.trust_pem, old.not_after.timestamp())
+                self._previous = [
+                    p for p in self._previous if p.trust_pem not in (ca.trust_pem, old.trust_pem)
+                ]
+                if old.trust_pem != ca.trust_pem:
+                    self._previous.insert(0, replaced)
             self._current = ca
         log.info(
             "loaded CA from Secret",

@@ -9,6 +9,7 @@ failure: the old files stay until new ones are complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -137,6 +138,8 @@ class VolumeManager:
         self.scheduler: Scheduler = _NoScheduler()
         # Called after every commit (the CA rotation uses it to learn when it is complete).
         self.on_commit: Callable[[], None] | None = None
+        # The local CA's trust bundle now (the CA rotation retires CAs from it); see _commit.
+        self.local_trust_bundle: Callable[[], bytes] | None = None
         self._locks = KeyedLocks()
         # Latest service-account token per volume (memory only; see TOKENS_KEY).
         self._tokens: dict[str, str] = {}
@@ -479,6 +482,10 @@ class VolumeManager:
         attempt: _Attempt,
     ) -> None:
         """Swap the new files in, mount, record, schedule (lock held)."""
+        if spec.issuer.is_local and self.local_trust_bundle is not None:
+            # The bundle as of now, not as of signing: a CA retired while this renewal ran
+            # (its volume's ca.crt already rewritten) must not come back with it.
+            issued = dataclasses.replace(issued, ca_pem=self.local_trust_bundle())
         files = _payload_files(spec, key, issued)
         attempt.step = STORAGE
         write_payload(self._payload_dir(meta), files, _gid(spec, meta))
