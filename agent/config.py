@@ -136,6 +136,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tmpfs-size", "size of the tmpfs that holds volume payloads, in MiB", 64, "int"),
     Setting("log-level", "debug, info, warning or error", "info"),
     Setting("log-format", "auto (JSON unless on a terminal), json or text", "auto"),
+    Setting(
+        "pod-watch",
+        "watch this node's pods for ${POD_IP}/${POD_IPS} SANs: auto (from the first volume that "
+        "uses them), on (from start), off (refuse those volumes)",
+        "auto",
+    ),
 )
 
 
@@ -183,6 +189,7 @@ class AgentConfig:
     pod_uid: str | None = None
     pod_namespace: str | None = None
     ca_overlap_seconds: float | None = None  # None: --max-duration
+    pod_watch: str = "auto"
 
     @property
     def socket_path(self) -> Path:
@@ -347,6 +354,10 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"--ca-secret {raw['ca-secret']!r} must be NAMESPACE/NAME")
         ca_secret = (parts[0], parts[1])
+    pod_watch = str(raw["pod-watch"]).strip().lower()
+    pod_watch = {"true": "on", "false": "off"}.get(pod_watch, pod_watch)
+    if pod_watch not in ("auto", "on", "off"):
+        raise ConfigError(f"--pod-watch {raw['pod-watch']!r} must be auto, on or off")
     if raw["log-format"] not in ("auto", "json", "text"):
         raise ConfigError(f"--log-format {raw['log-format']!r} must be auto, json or text")
     for flag in ("renewal-workers", "grpc-workers", "tmpfs-size", "kube-burst"):
@@ -384,6 +395,7 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         pod_uid=raw["pod-uid"],
         pod_namespace=raw["pod-namespace"],
         ca_overlap_seconds=raw["ca-overlap"],
+        pod_watch=pod_watch,
     )
 
 

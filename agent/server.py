@@ -172,6 +172,7 @@ class Agent:
             self.manager.renew, workers=config.renewal_workers, clock=self.clock, rng=self._rng
         )
         self.manager.attach_scheduler(self.scheduler)
+        self._attach_pod_and_trust_watches(api)
         if self._rotation is not None:
             self._rotation.attach(
                 self.manager.local_certificate_start_times, self.manager.rewrite_ca_bundles
@@ -198,6 +199,31 @@ class Agent:
                 "mounts": self.mounter.can_mount,
             },
         )
+
+    def _attach_pod_and_trust_watches(self, api: Any) -> None:
+        """The pod watch (${POD_IP}) and trust-bundle watches; both start on first use."""
+        manager, config = self.manager, self.config
+        manager.pod_ips.wait_timeout = manager.trust.wait_timeout = config.issue_timeout_seconds
+        manager.trust.start()
+        self._closers.append(manager.trust.stop)
+        if api is None:
+            return
+        from agent.kube.pods import PodIPWatch
+        from agent.kube.trust_bundles import TrustBundleWatcher
+
+        bundles = TrustBundleWatcher(
+            api, on_change=manager.trust.on_change, on_problem=manager.trust.on_problem
+        )
+        manager.trust.watcher = bundles
+        self._closers.append(bundles.stop)
+        if config.pod_watch == "off":
+            manager.pod_ips.disabled_reason = "the agent runs with --pod-watch=off"
+            return
+        pods = PodIPWatch(api, config.node_id, on_ips=manager.pod_ips.on_pod_ips)
+        manager.pod_ips.source = pods
+        self._closers.append(pods.stop)
+        if config.pod_watch == "on":
+            pods.start()
 
     def _prepare_data_root(self) -> None:
         root = self.config.data_root

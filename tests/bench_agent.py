@@ -10,6 +10,8 @@ number is a ratio taken within one run, so a slow or busy machine shifts both si
    against a simulated one-ticker-per-volume design, all measured over the same window.
 4. Restart recovery: time until a restarted agent serves with N volumes recovered, against an
    agent with none.
+6. Pod IP SANs: from the pod watch delivering a pod's IP to the certificate carrying it
+   (tests/bench_pod_ips.py, against the fake API server).
 
 Loopback and local files only; every loop is bounded; mounts are removed even on failure.
 """
@@ -45,6 +47,7 @@ from agent.observe.logs import configure_logging
 from agent.pki.ca import CertificateAuthority
 from agent.volumes.mounter import read_mountinfo
 from tests.bench_node_ca import NodeCAResults, bench_node_ca, render_node_ca
+from tests.bench_pod_ips import PodIPResults, bench_pod_ips, render_pod_ips
 from tests.conftest import IS_ROOT, REPO, AgentProcess, Pod, RunningAgent, unmount_below
 
 ECDSA_ATTRIBUTES = {
@@ -529,6 +532,7 @@ def render(
     fleet: FleetResults,
     elapsed: float,
     node_ca: NodeCAResults | None = None,
+    pod_ips: PodIPResults | None = None,
 ) -> str:
     out: list[str] = []
     add = out.append
@@ -640,6 +644,8 @@ def render(
     add("")
 
     render_node_ca(add, node_ca)
+    if pod_ips is not None:
+        render_pod_ips(add, pod_ips, percentile)
 
     add("## Interpretation")
     add("")
@@ -854,7 +860,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{node_ca.node_ca_requests_after} after one renewal",
                 flush=True,
             )
-    report = render(info, latency, fleet, time.perf_counter() - started, node_ca)
+        print("6. pod IP SANs: watch event to certificate", flush=True)
+        (tmp / "pod-ips").mkdir()
+        sequential, burst = (20, 10) if args.quick else (200, 50)
+        pod_ips = bench_pod_ips(tmp / "pod-ips", sequential, burst)
+    report = render(info, latency, fleet, time.perf_counter() - started, node_ca, pod_ips)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -302,6 +303,37 @@ def openssl(*args: str, input: bytes | None = None) -> str:
     if result.returncode != 0:
         raise AssertionError(f"openssl {' '.join(args)} failed: {result.stderr.decode()}")
     return result.stdout.decode()
+
+
+@pytest.fixture
+def node_agent(
+    fake: FakeKube, tmp_path: Path, agent_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """Start an in-process agent in cluster mode against the fake API server (node-1, with a
+    local CA from a Secret); keyword arguments override AgentConfig fields."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.fakekube import make_test_ca, pem
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    key, cert = make_test_ca("node local CA")
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fake.put_secret("cert-agent", "cert-agent-ca", {"ca.crt": pem(cert), "ca.key": key_pem})
+    kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+
+    def start(**overrides: object) -> RunningAgent:
+        values: dict[str, object] = {
+            "standalone": False,
+            "kubeconfig": str(kubeconfig),
+            "ca_secret": ("cert-agent", "cert-agent-ca"),
+            "issue_timeout_seconds": 5.0,
+        }
+        values.update(overrides)
+        return agent_factory(**values)  # type: ignore[no-any-return, operator]
+
+    return start
 
 
 # ------------------------------------------------------------------------- CI: no silent skips

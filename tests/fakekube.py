@@ -52,6 +52,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.crds import CERTIFICATE_REQUESTS, SCHEMA_DIR, load_crd, storage_version
+from tests.fakekube_core import (
+    schema_problems,
+    validate_cluster_trust_bundle,
+    validate_configmap,
+    validate_pod,
+)
 
 CM_GROUP = "cert-manager.io"
 CR_PLURAL = "certificaterequests"
@@ -72,6 +78,7 @@ class Resource:
     kind: str
     schema: Obj | None = None  # openAPIV3Schema for custom resources
     status_subresource: bool = False
+    namespaced: bool = True
 
     @property
     def api_version(self) -> str:
@@ -101,6 +108,27 @@ def load_crd_resource(filename: str, directory: Path = SCHEMA_DIR) -> Resource:
 
 
 SECRETS = Resource("", "v1", "secrets", "Secret")
+PODS = Resource("", "v1", "pods", "Pod", status_subresource=True)
+CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap")
+CLUSTER_TRUST_BUNDLES = Resource(
+    "certificates.k8s.io", "v1beta1", "clustertrustbundles", "ClusterTrustBundle", namespaced=False
+)
+# Field selectors the real API server supports per kind (besides metadata.name/namespace).
+_EXTRA_FIELDS: dict[str, dict[str, Callable[[Obj], str]]] = {
+    "secrets": {"type": lambda o: o.get("type", "Opaque")},
+    "pods": {
+        "spec.nodeName": lambda o: (o.get("spec") or {}).get("nodeName", ""),
+        "status.phase": lambda o: (o.get("status") or {}).get("phase", ""),
+    },
+    "clustertrustbundles": {
+        "spec.signerName": lambda o: (o.get("spec") or {}).get("signerName", "")
+    },
+}
+_CORE_VALIDATORS: dict[str, Callable[[Obj], list[tuple[str, str, str]]]] = {
+    "pods": validate_pod,
+    "configmaps": validate_configmap,
+    "clustertrustbundles": validate_cluster_trust_bundle,
+}
 
 
 # --------------------------------------------------------------------------- validation
@@ -409,8 +437,8 @@ def field_selector_matches(res: Resource, selector: str, obj: Obj) -> bool:
         "metadata.name": obj["metadata"]["name"],
         "metadata.namespace": obj["metadata"].get("namespace", ""),
     }
-    if res is SECRETS:
-        fields["type"] = obj.get("type", "Opaque")
+    for field_name, getter in _EXTRA_FIELDS.get(res.plural, {}).items():
+        fields[field_name] = getter(obj)
     for term in _split_selector(selector):
         negate = "!=" in term
         key, value = (s.strip() for s in re.split(r"!=|==|=", term, maxsplit=1))
@@ -418,8 +446,8 @@ def field_selector_matches(res: Resource, selector: str, obj: Obj) -> bool:
             raise ApiError(
                 400,
                 "BadRequest",
-                f'"{key}" is not a known field selector: only "metadata.name", '
-                '"metadata.namespace"',
+                f'"{key}" is not a known field selector: only '
+                + ", ".join(f'"{k}"' for k in fields),
             )
         if (fields[key] == value) == negate:
             return False
@@ -474,7 +502,10 @@ class FakeKube:
 
     def __init__(self) -> None:
         self.certificate_requests = load_crd_resource(CERTIFICATE_REQUESTS)
-        self.resources = {(r.group, r.plural): r for r in (self.certificate_requests, SECRETS)}
+        self.resources = {
+            (r.group, r.plural): r
+            for r in (self.certificate_requests, SECRETS, PODS, CONFIGMAPS, CLUSTER_TRUST_BUNDLES)
+        }
         self.users: dict[str, str] = {AGENT_TOKEN: AGENT_USER}
         self.requests: list[RequestRecord] = []
         self._objects: dict[tuple[str, str, str, str], Obj] = {}
@@ -491,6 +522,7 @@ class FakeKube:
         self._cut_generation = 0
         self._gone = 0
         self._hang: list[str] = []
+        self._gone_path = ""
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -596,10 +628,12 @@ class FakeKube:
             self._cut_generation += 1
             self._cond.notify_all()
 
-    def gone_next_watches(self, count: int = 1) -> None:
-        """The next ``count`` watches answer 410 Gone (an ERROR event), whatever their version."""
+    def gone_next_watches(self, count: int = 1, path_contains: str = "") -> None:
+        """The next ``count`` watches (on matching paths) answer 410 Gone (an ERROR event),
+        whatever their version."""
         with self._cond:
             self._gone += count
+            self._gone_path = path_contains
 
     @property
     def gone_pending(self) -> int:
@@ -648,6 +682,9 @@ class FakeKube:
                 f"the API version in the data ({obj.get('apiVersion')}) does not match the "
                 f"expected API version ({res.api_version})",
             )
+        if not res.namespaced:
+            namespace = ""
+            meta.pop("namespace", None)
         if meta.get("namespace") not in (None, namespace):
             raise ApiError(
                 400,
@@ -687,12 +724,9 @@ class FakeKube:
                     f'{res.qualified} "{name}" already exists',
                     {"name": name, "group": res.group, "kind": res.plural},
                 )
-            meta.update(
-                namespace=namespace,
-                uid=str(uuid.uuid4()),
-                creationTimestamp=rfc3339(),
-                generation=1,
-            )
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(), generation=1)
+            if res.namespaced:
+                meta["namespace"] = namespace
             return self._commit(res, key, obj, "ADDED")
 
     def update(self, res: Resource, namespace: str, obj: Obj, *, status_only: bool = False) -> Obj:
@@ -760,6 +794,50 @@ class FakeKube:
                 return self.update(SECRETS, namespace, body)
             return self.create(SECRETS, namespace, body)
 
+    def put_pod(self, namespace: str, name: str, node: str) -> Obj:
+        """Create a pod scheduled to ``node``, Pending without an IP (as when kubelet mounts its
+        volumes); tests publish its volume with the returned ``metadata.uid``."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app:1"}]},
+        }
+        with self._cond:
+            self.create(PODS, namespace, body)
+            return self.patch_status(PODS, namespace, name, {"status": {"phase": "Pending"}})
+
+    def set_pod_ips(self, namespace: str, name: str, ips: list[str]) -> Obj:
+        """What kubelet does once the sandbox has its network: status.podIP(s), Running."""
+        status: Obj = {"phase": "Running", "podIPs": [{"ip": ip} for ip in ips]}
+        status["podIP"] = ips[0] if ips else None
+        return self.patch_status(PODS, namespace, name, {"status": status})
+
+    def put_configmap(self, namespace: str, name: str, data: dict[str, str]) -> Obj:
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+        with self._cond:
+            if (CONFIGMAPS.group, CONFIGMAPS.plural, namespace, name) in self._objects:
+                return self.update(CONFIGMAPS, namespace, body)
+            return self.create(CONFIGMAPS, namespace, body)
+
+    def put_cluster_trust_bundle(
+        self, name: str, pem_text: str, signer: str = "", labels: dict[str, str] | None = None
+    ) -> Obj:
+        spec: Obj = {"trustBundle": pem_text}
+        if signer:
+            spec["signerName"] = signer
+        body = {
+            "apiVersion": f"{CLUSTER_TRUST_BUNDLES.group}/{CLUSTER_TRUST_BUNDLES.version}",
+            "kind": "ClusterTrustBundle",
+            "metadata": {"name": name, "labels": labels or {}},
+            "spec": spec,
+        }
+        with self._cond:
+            key = (CLUSTER_TRUST_BUNDLES.group, CLUSTER_TRUST_BUNDLES.plural, "", name)
+            if key in self._objects:
+                return self.update(CLUSTER_TRUST_BUNDLES, "", body)
+            return self.create(CLUSTER_TRUST_BUNDLES, "", body)
+
     def wait_until(self, predicate: Callable[[], bool], timeout: float = 10) -> None:
         """Block until ``predicate()`` (checked on every request and change) or fail."""
         deadline = time.monotonic() + timeout
@@ -802,7 +880,15 @@ class FakeKube:
     # ---- internals
 
     def _validate(self, res: Resource, obj: Obj) -> None:
-        causes = validate_object_meta(obj.get("metadata"))
+        meta = obj.get("metadata")
+        if res is CLUSTER_TRUST_BUNDLES and isinstance(meta, dict):
+            # Bundle names carry the signer with ':' (validate_cluster_trust_bundle checks them).
+            meta = {k: v for k, v in meta.items() if k != "name"}
+        causes = validate_object_meta(meta)
+        validator = _CORE_VALIDATORS.get(res.plural)
+        if validator is not None:
+            problems = schema_problems(obj) or validator(obj)
+            causes += [Cause(*problem) for problem in problems]
         if res.schema is not None:
             causes += validate_schema(obj, res.schema)
         if res is SECRETS:
@@ -840,9 +926,9 @@ class FakeKube:
                     return fault
         return None
 
-    def _take_gone(self) -> bool:
+    def _take_gone(self, path: str) -> bool:
         with self._cond:
-            if self._gone > 0:
+            if self._gone > 0 and self._gone_path in path:
                 self._gone -= 1
                 self._cond.notify_all()
                 return True
@@ -857,7 +943,7 @@ class FakeKube:
         return None
 
     def _watch_events(
-        self, res: Resource, namespace: str, since: int, deadline: float, generation: int
+        self, res: Resource, namespace: str | None, since: int, deadline: float, generation: int
     ) -> Iterator[Event | str]:
         """Events after ``since`` in order, then ``"end"`` (deadline, shutdown) or ``"cut"``
         (when ``cut_watches`` ran after the watch registered at ``generation``)."""
@@ -887,7 +973,8 @@ class FakeKube:
                 return
             for event in batch:
                 since = event.rv
-                if event.res is res and event.obj["metadata"].get("namespace") == namespace:
+                event_ns = event.obj["metadata"].get("namespace") or ""
+                if event.res is res and namespace in (None, event_ns):
                     yield event
 
 
@@ -909,6 +996,11 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 _PATH = re.compile(
     r"^/(?:api/(?P<core_version>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
     r"/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?$"
+)
+# Cluster-scoped kinds, and list/watch of a namespaced kind across all namespaces.
+_CLUSTER_PATH = re.compile(
+    r"^/(?:api/(?P<core_version>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?$"
 )
 
 _VERBS = {"POST": "create", "DELETE": "delete", "PUT": "update", "PATCH": "patch"}
@@ -963,7 +1055,7 @@ class _Handler(BaseHTTPRequestHandler):
             if parts.path in ("/api", "/apis", "/version"):
                 self._send_json(200, _discovery(parts.path))
                 return
-            m = _PATH.match(parts.path)
+            m = _PATH.match(parts.path) or _CLUSTER_PATH.match(parts.path)
             res = None
             if m:
                 group = m.group("group") or ""
@@ -973,7 +1065,17 @@ class _Handler(BaseHTTPRequestHandler):
                     res = None
             if m is None or res is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
-            ns, name, sub = m.group("ns"), m.group("name"), m.group("sub")
+            ns: str | None = m.groupdict().get("ns")
+            name, sub = m.group("name"), m.group("sub")
+            if not res.namespaced:
+                if ns is not None:
+                    raise ApiError(
+                        404, "NotFound", "the server could not find the requested resource"
+                    )
+                ns = ""
+            elif ns is None and (method != "GET" or name is not None):
+                # A namespaced kind without a namespace: only list and watch across all of them.
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
             verb = _VERBS.get(method) or ("watch" if is_watch else "get" if name else "list")
             if (verb, res.plural) in fake._forbidden:
                 raise _forbidden(user, verb, res, ns)
@@ -987,7 +1089,7 @@ class _Handler(BaseHTTPRequestHandler):
         self,
         method: str,
         res: Resource,
-        ns: str,
+        ns: str | None,
         name: str | None,
         sub: str | None,
         query: dict[str, str],
@@ -1005,10 +1107,11 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "GET":
                 self._send_json(200, self._list(res, ns, query))
             elif method == "POST":
-                self._send_json(201, fake.create(res, ns, _require_object(body), user))
+                self._send_json(201, fake.create(res, ns or "", _require_object(body), user))
             else:
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
             return
+        ns = ns or ""
         if method == "GET":
             self._send_json(200, fake.get(res, ns, name))
         elif method == "DELETE":
@@ -1039,7 +1142,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
 
-    def _list(self, res: Resource, ns: str, query: dict[str, str]) -> Obj:
+    def _list(self, res: Resource, ns: str | None, query: dict[str, str]) -> Obj:
         fake = self.fake
         with fake._cond:
             items = [
@@ -1055,7 +1158,9 @@ class _Handler(BaseHTTPRequestHandler):
             "items": items,
         }
 
-    def _watch(self, res: Resource, ns: str, query: dict[str, str], record: RequestRecord) -> None:
+    def _watch(
+        self, res: Resource, ns: str | None, query: dict[str, str], record: RequestRecord
+    ) -> None:
         fake = self.fake
         timeout = float(query.get("timeoutSeconds") or 1800)
         deadline = time.monotonic() + timeout
@@ -1083,7 +1188,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             events: Iterator[Event | str]
             try:
-                if fake._take_gone():
+                if fake._take_gone(record.path):
                     raise ApiError(410, "Expired", f"too old resource version: {since} ({since})")
                 events = fake._watch_events(res, ns, since, deadline, generation)
                 pending = [{"type": "ADDED", "object": o} for o in initial]
@@ -1192,12 +1297,13 @@ def _fault_error(fault: Fault) -> ApiError:
     )
 
 
-def _forbidden(user: str, verb: str, res: Resource, ns: str) -> ApiError:
+def _forbidden(user: str, verb: str, res: Resource, ns: str | None) -> ApiError:
+    where = f'in the namespace "{ns}"' if ns else "at the cluster scope"
     return ApiError(
         403,
         "Forbidden",
         f'{res.qualified} is forbidden: User "{user}" cannot {verb} resource "{res.plural}" in '
-        f'API group "{res.group}" in the namespace "{ns}"',
+        f'API group "{res.group}" {where}',
         {"group": res.group, "kind": res.plural},
     )
 

@@ -225,7 +225,7 @@ def test_expansion_is_a_single_pass() -> None:
     assert expand_template("${POD_NAME}", pod, "k") == "${POD_UID}"
 
 
-@pytest.mark.parametrize("text", ["${POD_IP}", "$POD_NAMEX", "${pod_name}"])
+@pytest.mark.parametrize("text", ["${POD_ADDRESS}", "$POD_NAMEX", "${pod_name}"])
 def test_unknown_variable_is_named_and_known_ones_listed(text: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         expand_template(text, POD, CM + "common-name")
@@ -284,8 +284,8 @@ def test_every_templated_attribute_is_expanded() -> None:
 def test_untemplated_attributes_keep_dollar_as_text() -> None:
     spec = parse(with_cn(certificate_file="$POD_NAME.crt", issuer_name="ca"))
     assert spec.files.certificate == "$POD_NAME.crt"
-    err = invalid(with_cn(ip_sans="${POD_IP}"))
-    assert "is not an IPv4 or IPv6 address" in err.message
+    err = invalid(with_cn(ip_sans="${POD_NAME}"))
+    assert "${POD_IP}" in err.message  # ip-sans takes only the pod-IP variables
     assert "unknown variable" not in err.message
     err = invalid(with_cn(issuer_name="${POD_NAMESPACE}-issuer"))
     assert "not a valid Kubernetes object name" in err.message

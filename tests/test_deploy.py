@@ -779,3 +779,56 @@ def test_image_pins_every_runtime_dependency() -> None:
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} vs {text}"
     assert "--constraint constraints.txt" in (REPO / "Dockerfile").read_text()
     assert "!constraints.txt" in (REPO / ".dockerignore").read_text()
+
+
+def test_pod_info_component_grants_read_access_for_pod_ips_and_trust_bundles(
+    tmp_path: Path,
+) -> None:
+    """deploy/components/pod-info, as its header tells users to include it."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY, tmp_path)],
+                "components": [os.path.relpath(DEPLOY / "components" / "pod-info", tmp_path)],
+            }
+        )
+    )
+    docs = render(tmp_path)
+    rules = find(docs, "ClusterRole", "cert-agent-pod-info")["rules"]
+    granted = {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    wanted = {
+        (group, resource, verb)
+        for group, resource in (
+            ("", "pods"),
+            ("", "configmaps"),
+            ("certificates.k8s.io", "clustertrustbundles"),
+        )
+        for verb in ("get", "list", "watch")
+    }
+    assert granted == wanted  # read-only: nothing the agent does not use
+    binding = find(docs, "ClusterRoleBinding", "cert-agent-pod-info")
+    assert binding["roleRef"]["name"] == "cert-agent-pod-info"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "cert-agent", "namespace": "cert-agent"}
+    ]
+    import kubernetes_validate as kv
+
+    for doc in (find(docs, "ClusterRole", "cert-agent-pod-info"), binding):
+        kv.validate(doc, "1.37.0", strict=True)
+    # The base's own ClusterRole is unchanged by the component.
+    assert find(docs, "ClusterRole", "cert-agent") == find(
+        render(DEPLOY), "ClusterRole", "cert-agent"
+    )
+    # What the agent names in its PERMISSION_DENIED hint exists.
+    from agent.kube.pods import RBAC_HINT
+    from agent.kube.trust_bundles import RBAC_HINT as BUNDLE_HINT
+
+    assert "deploy/components/pod-info" in RBAC_HINT and "deploy/components/pod-info" in BUNDLE_HINT

@@ -51,6 +51,9 @@ ISSUE_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
 )  # fmt: skip
 GRPC_BUCKETS = ISSUE_BUCKETS
+# From a pod's IP showing in the watch to a certificate carrying it: one local issue, or a
+# cert-manager round trip.
+POD_IP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 _VOLUME_LABELS = ("namespace", "pod", "volume_id", "issuer")
 
@@ -161,6 +164,30 @@ class AgentMetrics:
             ["outcome"],
             registry=r,
         )
+        self.pod_ip_latency = Histogram(
+            "cert_agent_pod_ip_san_latency_seconds",
+            "Seconds from a pod's IP appearing in the pod watch to its volume's certificate "
+            "carrying it (${POD_IP}/${POD_IPS} in ip-sans).",
+            buckets=POD_IP_BUCKETS,
+            registry=r,
+        )
+        self.volumes_waiting_for_pod_ip = Gauge(
+            "cert_agent_volumes_waiting_for_pod_ip",
+            "Volumes whose certificate does not carry the pod's IPs yet.",
+            registry=r,
+        )
+        self.trust_bundle_stale = Gauge(
+            "cert_agent_trust_bundle_stale",
+            "1 while a trust bundle source is missing or invalid and volumes keep its last good "
+            "content.",
+            ["source"],
+            registry=r,
+        )
+        self.trust_bundle_rewrites = Counter(
+            "cert_agent_trust_bundle_rewrites",
+            "ca.crt files rewritten because their trust bundle changed (no reissue).",
+            registry=r,
+        )
         self._init_issuer(LOCAL_ISSUER)
 
     def _init_issuer(self, issuer: str) -> None:
@@ -257,6 +284,24 @@ class AgentMetrics:
 
     def node_ca_request(self, outcome: str) -> None:
         self.node_ca_requests.labels(outcome).inc()
+
+    # -------------------------------------------------------------------------- pod IPs, bundles
+
+    def observe_pod_ip_latency(self, seconds: float) -> None:
+        self.pod_ip_latency.observe(max(0.0, seconds))
+
+    def set_waiting_for_pod_ip(self, count: int) -> None:
+        self.volumes_waiting_for_pod_ip.set(count)
+
+    def set_trust_bundle_stale(self, source: str, stale: bool) -> None:
+        if stale:
+            self.trust_bundle_stale.labels(source).set(1)
+        else:
+            with contextlib.suppress(KeyError):
+                self.trust_bundle_stale.remove(source)
+
+    def trust_bundle_rewritten(self) -> None:
+        self.trust_bundle_rewrites.inc()
 
 
 def _check_operation(operation: str) -> None:

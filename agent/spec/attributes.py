@@ -34,9 +34,12 @@ from agent.spec.model import (
     OtherName,
     Pkcs12Spec,
     PodInfo,
+    PodIPSans,
     SubjectSpec,
+    TrustBundleRef,
 )
-from agent.spec.templating import KNOWN_VARIABLES, expand_template, quote
+from agent.spec.templating import KNOWN_VARIABLES, POD_IP_VARIABLES, expand_template, quote
+from agent.spec.trust import TRUST_ATTRIBUTES, parse_trust_bundle
 
 __all__ = [
     "ATTRIBUTE_NAMES",
@@ -104,28 +107,33 @@ TEMPLATED_ATTRIBUTES: frozenset[str] = frozenset(
     | set(_SUBJECT_LISTS)
 )
 
-ATTRIBUTE_NAMES: frozenset[str] = TEMPLATED_ATTRIBUTES | {
-    "issuer-name",
-    "issuer-kind",
-    "issuer-group",
-    "ip-sans",
-    "serialnumber",
-    "duration",
-    "renew-before",
-    "key-algorithm",
-    "key-size",
-    "key-encoding",
-    "reuse-private-key",
-    "key-usages",
-    "is-ca",
-    "certificate-file",
-    "ca-file",
-    "privatekey-file",
-    "fs-group",
-    "pkcs12-enable",
-    "pkcs12-filename",
-    "pkcs12-password",
-}
+ATTRIBUTE_NAMES: frozenset[str] = (
+    TEMPLATED_ATTRIBUTES
+    | {
+        "issuer-name",
+        "issuer-kind",
+        "issuer-group",
+        "ip-sans",
+        "serialnumber",
+        "duration",
+        "renew-before",
+        "key-algorithm",
+        "key-size",
+        "key-encoding",
+        "reuse-private-key",
+        "key-usages",
+        "is-ca",
+        "certificate-file",
+        "ca-file",
+        "privatekey-file",
+        "fs-group",
+        "pkcs12-enable",
+        "pkcs12-filename",
+        "pkcs12-password",
+        "credential-bundle-file",
+    }
+    | TRUST_ATTRIBUTES
+)
 
 # At least one of these must be present or the certificate names nothing.
 _IDENTITY_ATTRIBUTES = (
@@ -261,8 +269,10 @@ def _closest(word: str, choices: Iterable[str]) -> str | None:
 
 
 class _Parser:
-    def __init__(self, volume_context: Mapping[str, str]) -> None:
+    def __init__(self, volume_context: Mapping[str, str], node_name: str = "") -> None:
         self.context = volume_context
+        self.node_name = node_name
+        self.pod_ip_sans = PodIPSans.NONE
         self.errors: list[InvalidArgument] = []
         self.attrs: dict[str, _Attr] = {}
         self.annotations: dict[str, str] = {}
@@ -414,7 +424,7 @@ class _Parser:
     def expand(self, pod: PodInfo) -> None:
         for name in TEMPLATED_ATTRIBUTES & set(self.attrs):
             attr = self.attrs[name]
-            expanded = self.attempt(None, expand_template, attr.raw, pod, attr.key)
+            expanded = self.attempt(None, expand_template, attr.raw, pod, attr.key, self.node_name)
             if expanded is None:
                 del self.attrs[name]
             else:
@@ -439,6 +449,17 @@ class _Parser:
             return ()
         result = []
         for entry in _split_list(attr):
+            variable = entry[2:-1] if entry.startswith("${") and entry.endswith("}") else entry[1:]
+            if entry.startswith("$") and variable in POD_IP_VARIABLES:
+                # Filled in from the pod watch once the pod has an IP; "all" wins over "primary".
+                if self.pod_ip_sans is not PodIPSans.ALL:
+                    self.pod_ip_sans = PodIPSans(variable)
+                continue
+            if "$" in entry:
+                attr.fail(
+                    f"{quote(entry)}: ip-sans takes IP addresses and, as whole entries, "
+                    "${POD_IP} (the pod's primary IP) or ${POD_IPS} (all of its IPs)"
+                )
             try:
                 address = ipaddress.ip_address(entry)
             except ValueError:
@@ -685,6 +706,9 @@ class _Parser:
         for name, default in defaults.items():
             attr = self.attrs.get(name)
             names[name] = default if attr is None else self.attempt("", _file_name, attr)
+        bundle_attr = self.attrs.get("credential-bundle-file")
+        if bundle_attr is not None:
+            names["credential-bundle-file"] = self.attempt("", _file_name, bundle_attr)
         pkcs12 = None
         enable_key = self.key_for("pkcs12-enable")
         if enabled:
@@ -734,10 +758,24 @@ class _Parser:
             certificate=names["certificate-file"],
             ca=names["ca-file"],
             private_key=names["privatekey-file"],
+            credential_bundle=names.get("credential-bundle-file") or None,
         )
         return files, pkcs12
 
-    def require_identity(self) -> None:
+    def trust_bundle(self) -> TrustBundleRef | None:
+        given = {n: (a.key, a.value) for n, a in self.attrs.items() if n in TRUST_ATTRIBUTES}
+        return parse_trust_bundle(given)
+
+    def require_identity(self, ip_addresses: tuple[str, ...]) -> None:
+        others = [n for n in _IDENTITY_ATTRIBUTES if n in self.attrs and n != "ip-sans"]
+        if self.pod_ip_sans is not PodIPSans.NONE and not ip_addresses and not others:
+            # The first certificate is issued before the pod has an IP: it needs another name.
+            raise InvalidArgument(
+                f"{self.key_for('ip-sans')}: the pod has no IP yet when the volume is mounted, "
+                f"so the first certificate needs another name: set "
+                f"{self.key_for('common-name')} or {self.key_for('dns-names')} too",
+                self.key_for("ip-sans"),
+            )
         if not any(name in self.attrs for name in _IDENTITY_ATTRIBUTES):
             keys = ", ".join(self.key_for(name) for name in _IDENTITY_ATTRIBUTES)
             raise InvalidArgument(
@@ -760,8 +798,9 @@ class _Parser:
         is_ca = self.attempt(False, _parse_bool, self.attrs.get("is-ca"))
         fs_group = self.attempt(None, self.fs_group)
         files, pkcs12 = self.files_and_pkcs12()
+        trust_bundle = self.attempt(None, self.trust_bundle)
         if not self.errors:  # otherwise it is most likely a consequence of those errors
-            self.attempt(None, self.require_identity)
+            self.attempt(None, self.require_identity, ip_addresses)
         self.raise_collected()
         return CertificateSpec(
             issuer=issuer,
@@ -780,6 +819,8 @@ class _Parser:
             fs_group=fs_group,
             pkcs12=pkcs12,
             annotations=tuple(sorted(self.annotations.items())),
+            pod_ip_sans=self.pod_ip_sans,
+            trust_bundle=trust_bundle,
         )
 
 
@@ -889,12 +930,15 @@ def _file_name(attr: _Attr) -> str:
     return name
 
 
-def parse_volume_context(volume_context: Mapping[str, str]) -> tuple[CertificateSpec, PodInfo]:
+def parse_volume_context(
+    volume_context: Mapping[str, str], node_name: str = ""
+) -> tuple[CertificateSpec, PodInfo]:
     """Validate ``volume_context`` and return what the volume asks for and whose pod it is.
 
-    Raises InvalidArgument (never anything else for string input) naming the offending key.
+    ``node_name`` is the value of ``${NODE_NAME}`` (the agent's --node-id). Raises
+    InvalidArgument (never anything else for string input) naming the offending key.
     """
-    parser = _Parser(volume_context)
+    parser = _Parser(volume_context, node_name)
     parser.check_sizes()
     pod = parser.pod_info()
     parser.classify()

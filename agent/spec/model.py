@@ -9,7 +9,7 @@ None of them holds key material.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from agent import AGENT_ISSUER_GROUP
@@ -97,6 +97,10 @@ class FileNames:
     certificate: str = "tls.crt"
     ca: str = "ca.crt"
     private_key: str = "tls.key"
+    # credential-bundle-file: the key followed by the chain in one PEM file (podCertificate's
+    # credentialBundlePath layout), so a reader never pairs a key and a certificate of two
+    # different generations.
+    credential_bundle: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,41 @@ class Pkcs12Spec:
     filename: str = "keystore.p12"
     # Treated as a secret: never logged, never part of a metrics label or an error message.
     password: str = field(default="", repr=False)
+
+
+class PodIPSans(enum.StrEnum):
+    """Which of the pod's own IPs ip-sans asks for (they are known only once the pod runs)."""
+
+    NONE = ""
+    PRIMARY = "POD_IP"  # status.podIPs[0]
+    ALL = "POD_IPS"  # every entry of status.podIPs (IPv4 and IPv6)
+
+
+class TrustBundleKind(enum.StrEnum):
+    CONFIGMAP = "configmap"  # a key of a ConfigMap in the pod's namespace (trust-manager targets)
+    SIGNER = "signer"  # every ClusterTrustBundle of a signer (and label selector)
+    CLUSTER = "cluster"  # one ClusterTrustBundle by name
+
+
+@dataclass(frozen=True)
+class TrustBundleRef:
+    """Where ca.crt comes from instead of the issuer's CA."""
+
+    kind: TrustBundleKind
+    name: str = ""  # ConfigMap or ClusterTrustBundle name
+    key: str = ""  # ConfigMap key
+    signer_name: str = ""
+    label_selector: str = ""  # only with SIGNER; empty selects every bundle of the signer
+    include_issuer: bool = False  # add the issuing CA to the bundle
+
+    def describe(self, namespace: str) -> str:
+        """How messages, logs and metrics name the source."""
+        if self.kind is TrustBundleKind.CONFIGMAP:
+            return f"ConfigMap {namespace}/{self.name} key {self.key}"
+        if self.kind is TrustBundleKind.CLUSTER:
+            return f"ClusterTrustBundle {self.name}"
+        selector = f" with labels {self.label_selector}" if self.label_selector else ""
+        return f"ClusterTrustBundles of signer {self.signer_name}{selector}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +168,24 @@ class CertificateSpec:
     pkcs12: Pkcs12Spec | None = None
     # Attributes under foreign prefixes, passed to cert-manager as CertificateRequest annotations.
     annotations: tuple[tuple[str, str], ...] = ()
+    pod_ip_sans: PodIPSans = PodIPSans.NONE
+    trust_bundle: TrustBundleRef | None = None
+
+    @property
+    def wants_pod_ips(self) -> bool:
+        return self.pod_ip_sans is not PodIPSans.NONE
+
+    def with_pod_ips(self, pod_ips: tuple[str, ...]) -> CertificateSpec:
+        """This spec with the pod's own IPs (from the pod watch, primary first) as IP SANs.
+
+        The IPs only ever come from the pod's status as the API server reports it, never from
+        the volume attributes, so a pod cannot claim an address it does not hold.
+        """
+        chosen = pod_ips[:1] if self.pod_ip_sans is PodIPSans.PRIMARY else pod_ips
+        if not self.wants_pod_ips or not chosen:
+            return self
+        addresses = tuple(dict.fromkeys((*self.ip_addresses, *chosen)))
+        return replace(self, ip_addresses=addresses)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,7 +215,15 @@ class CertificateSpec:
             fs_group=data["fs_group"],
             pkcs12=Pkcs12Spec(**data["pkcs12"]) if data["pkcs12"] else None,
             annotations=tuple((k, v) for k, v in data["annotations"]),
+            pod_ip_sans=PodIPSans(data.get("pod_ip_sans", "")),
+            trust_bundle=_trust_bundle_from_dict(data.get("trust_bundle")),
         )
+
+
+def _trust_bundle_from_dict(data: dict[str, Any] | None) -> TrustBundleRef | None:
+    if not data:
+        return None
+    return TrustBundleRef(**{**data, "kind": TrustBundleKind(data["kind"])})
 
 
 def _tuple_if_list(value: Any) -> Any:

@@ -20,7 +20,13 @@ KNOWN_VARIABLES: dict[str, str] = {
     "POD_NAMESPACE": "csi.storage.k8s.io/pod.namespace",
     "POD_UID": "csi.storage.k8s.io/pod.uid",
     "SERVICE_ACCOUNT_NAME": "csi.storage.k8s.io/serviceAccount.name",
+    "NODE_NAME": "the agent's --node-id",
+    "POD_IP": "the pod's status (the pod watch)",
+    "POD_IPS": "the pod's status (the pod watch)",
 }
+# The pod has no IP when its volumes are mounted: these are only whole entries of ip-sans,
+# filled in from the pod watch (agent.spec.model.CertificateSpec.with_pod_ips).
+POD_IP_VARIABLES = frozenset({"POD_IP", "POD_IPS"})
 
 _MAX_SHOWN = 200  # kubelet events are short; never echo a 4 KiB value back in full
 
@@ -36,12 +42,13 @@ def _known_list() -> str:
     return ", ".join("${" + name + "}" for name in KNOWN_VARIABLES)
 
 
-def _value_of(name: str, pod: PodInfo) -> str | None:
+def _value_of(name: str, pod: PodInfo, node_name: str) -> str | None:
     return {
         "POD_NAME": pod.name,
         "POD_NAMESPACE": pod.namespace,
         "POD_UID": pod.uid,
         "SERVICE_ACCOUNT_NAME": pod.service_account,
+        "NODE_NAME": node_name,
     }.get(name)
 
 
@@ -53,8 +60,15 @@ def _is_name_char(ch: str) -> bool:
     return _is_name_start(ch) or ("0" <= ch <= "9")
 
 
-def _substitute(name: str, value: str, pod: PodInfo, attribute: str) -> str:
-    result = _value_of(name, pod)
+def _substitute(name: str, value: str, pod: PodInfo, attribute: str, node_name: str) -> str:
+    if name in POD_IP_VARIABLES:
+        raise InvalidArgument(
+            f"{attribute}: ${{{name}}} in {quote(value)} is not allowed here: the pod's IPs "
+            "can only be IP SANs; write it as a whole entry of ip-sans (ip-sans: "
+            f'"${{{name}}}")',
+            attribute,
+        )
+    result = _value_of(name, pod, node_name)
     if result is None:
         hint = ""
         close = difflib.get_close_matches(name.strip().upper(), list(KNOWN_VARIABLES), n=1)
@@ -63,6 +77,12 @@ def _substitute(name: str, value: str, pod: PodInfo, attribute: str) -> str:
         raise InvalidArgument(
             f"{attribute}: unknown variable {quote(name)} in {quote(value)}{hint}; "
             f"known variables: {_known_list()}",
+            attribute,
+        )
+    if not result and name == "NODE_NAME":
+        raise InvalidArgument(
+            f"{attribute}: ${{NODE_NAME}} is used in {quote(value)} but the node's name is not "
+            "known here",
             attribute,
         )
     if not result:
@@ -74,7 +94,7 @@ def _substitute(name: str, value: str, pod: PodInfo, attribute: str) -> str:
     return result
 
 
-def expand_template(value: str, pod: PodInfo, attribute: str) -> str:
+def expand_template(value: str, pod: PodInfo, attribute: str, node_name: str = "") -> str:
     """Replace ``${VAR}`` and ``$VAR`` with the pod's values.
 
     ``attribute`` is the full key as the user wrote it; every error names it. Unknown variables,
@@ -105,13 +125,13 @@ def expand_template(value: str, pod: PodInfo, attribute: str) -> str:
                     f"known variables: {_known_list()}",
                     attribute,
                 )
-            out.append(_substitute(name, value, pod, attribute))
+            out.append(_substitute(name, value, pod, attribute, node_name))
             i = end + 1
         elif _is_name_start(nxt):
             end = i + 1
             while end < n and _is_name_char(value[end]):
                 end += 1
-            out.append(_substitute(value[i + 1 : end], value, pod, attribute))
+            out.append(_substitute(value[i + 1 : end], value, pod, attribute, node_name))
             i = end
         else:
             out.append(ch)

@@ -46,9 +46,10 @@ from agent.pki.keys import (
 )
 from agent.pki.pkcs12 import build_keystore
 from agent.spec.attributes import parse_volume_context
-from agent.spec.model import CertificateSpec, PodInfo
+from agent.spec.model import CertificateSpec, KeyEncoding, PodInfo
 from agent.volumes.locks import KeyedLocks
 from agent.volumes.mounter import Mounter
+from agent.volumes.pod_ips import PodIPTracker
 from agent.volumes.scheduler import renewal_due
 from agent.volumes.store import (
     VolumeMeta,
@@ -58,6 +59,7 @@ from agent.volumes.store import (
     validate_volume_id,
     write_payload,
 )
+from agent.volumes.trust import TrustBundles, compose_ca
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,14 @@ class VolumeManager:
         self._locks = KeyedLocks()
         # Latest service-account token per volume (memory only; see TOKENS_KEY).
         self._tokens: dict[str, str] = {}
+        # ${POD_IP} SANs (the server attaches the pod watch) and trust bundles in ca.crt.
+        self.pod_ips = PodIPTracker(metrics)
+        self.pod_ips.reissue = lambda volume_id: self.scheduler.schedule(volume_id, 0.0)
+        self.trust = TrustBundles(metrics)
+        self.trust.rewrite = self._rewrite_trust_ca
+
+    def _parse(self, context: Mapping[str, str]) -> tuple[CertificateSpec, PodInfo]:
+        return parse_volume_context(context, self.node_id)
 
     def attach_scheduler(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -159,7 +169,7 @@ class VolumeManager:
             )
         context = {k: v for k, v in request.volume_context.items() if k != TOKENS_KEY}
         token = _pick_token(request.volume_context.get(TOKENS_KEY))
-        spec, pod = parse_volume_context(context)
+        spec, pod = self._parse(context)
 
         with self._locks.hold(request.volume_id, self.lock_timeout_seconds):
             if token:
@@ -199,6 +209,9 @@ class VolumeManager:
         finished on start.
         """
         try:
+            # A missing bundle or a pod watch we may not run fails before anything is issued.
+            bundle = self.trust.bundle_for(meta.volume_id, spec, pod)
+            issue_spec, ips = self.pod_ips.spec_for_issue(spec, pod, _ip_sans_key(meta))
             with self._attempt("issue") as attempt:
                 attempt.start(self._issuer_label(spec))
                 if new:
@@ -207,8 +220,8 @@ class VolumeManager:
                     attempt.step = None
                     self.metrics.set_managed_volumes(self.store.count())
                 key = self._select_key(meta, spec, "issue", attempt)
-                issued = self._issue(meta, spec, pod, key, attempt)
-                self._commit(meta, spec, pod, key, issued, attempt)
+                issued = self._issue(meta, issue_spec, pod, key, attempt)
+                self._commit(meta, spec, pod, key, issued, attempt, bundle, ips)
         except DeadlineExceeded:
             # The pending request and its key stay, so kubelet's retry picks them up.
             raise
@@ -234,6 +247,8 @@ class VolumeManager:
         self.store.remove(meta.volume_id)
         self._tokens.pop(meta.volume_id, None)
         self.issuers.forget(meta.volume_id)
+        self.trust.release(meta.volume_id)
+        self.pod_ips.forget(meta.volume_id)
         self.metrics.set_managed_volumes(self.store.count())
 
     def _check_same_arguments(
@@ -275,6 +290,8 @@ class VolumeManager:
             self.store.remove(volume_id)
             self._tokens.pop(volume_id, None)
             self.issuers.forget(volume_id)
+            self.trust.release(volume_id)
+            self.pod_ips.forget(volume_id)
             self.metrics.remove_volume(volume_id)
             self.metrics.set_managed_volumes(self.store.count())
         if meta is not None:
@@ -304,7 +321,7 @@ class VolumeManager:
                 meta = self.store.load(volume_id)
                 if meta is None:
                     return None
-                spec, pod = parse_volume_context(meta.volume_context)
+                spec, pod = self._parse(meta.volume_context)
                 if meta.state != VolumeState.READY:
                     # A first issue that never finished (the agent stopped during it): finish it.
                     self._first_issue(meta, spec, pod)
@@ -312,19 +329,39 @@ class VolumeManager:
                 attempt.start(self._issuer_label(spec))
                 key = self._select_key(meta, spec, "renew", attempt)
                 generation = meta.created_at
+                # Without a loaded bundle (a restart, the source unreachable) ca.crt stays.
+                bundle = self.trust.current(spec, pod)
+                if bundle is None and spec.trust_bundle is not None:
+                    bundle = read_payload_file(self._payload_dir(meta), spec.files.ca)
             # Issue without the lock, so unpublish and publish retries are never kept waiting.
-            issued = self._issue(meta, spec, pod, key, attempt)
+            issue_spec, ips = self._renewal_spec(meta, spec, pod)
+            issued = self._issue(meta, issue_spec, pod, key, attempt)
             with self._locks.hold(volume_id):
                 current = self.store.load(volume_id)
                 if current is None or current.created_at != generation:
                     log.info("volume went away during renewal", extra={"volume_id": volume_id})
                     return None
-                self._commit(current, spec, pod, key, issued, attempt)
+                self._commit(current, spec, pod, key, issued, attempt, bundle, ips)
         log.info(
             "renewed certificate",
             extra={**_log_fields(current, pod), "serial": current.serial},
         )
         return current.next_renewal
+
+    def _renewal_spec(
+        self, meta: VolumeMeta, spec: CertificateSpec, pod: PodInfo
+    ) -> tuple[CertificateSpec, tuple[str, ...]]:
+        """The spec with the pod's IPs from the watch, or (no watch now) those it gave before:
+        a certificate is never left to expire because the pod watch cannot run."""
+        try:
+            return self.pod_ips.spec_for_issue(spec, pod, _ip_sans_key(meta))
+        except AgentError as exc:
+            ips = tuple(meta.pod_ips)
+            log.warning(
+                "renewing with the pod IPs known so far",
+                extra={**_log_fields(meta, pod), "error": exc.message},
+            )
+            return spec.with_pod_ips(ips), ips
 
     # ---------------------------------------------------------------------------- recovery
 
@@ -351,7 +388,7 @@ class VolumeManager:
                 self.mounter.unmount(target)
                 self.store.remove(volume_id)
                 return
-            spec, pod = parse_volume_context(meta.volume_context)
+            spec, pod = self._parse(meta.volume_context)
             if meta.issuer != spec.issuer.describe():
                 # Written by an older agent that spelled issuer references differently.
                 meta.issuer = spec.issuer.describe()
@@ -360,6 +397,8 @@ class VolumeManager:
                 if meta.mode == "mount":
                     self._ensure_mounted(meta)
                 self._publish_metrics(meta, pod)
+                self.trust.attach(volume_id, spec, pod)
+                self.pod_ips.recovered(volume_id, spec, pod, tuple(meta.pod_ips))
                 due = meta.next_renewal if meta.next_renewal is not None else self.clock()
                 self.scheduler.schedule(volume_id, due)
                 log.info(
@@ -480,13 +519,19 @@ class VolumeManager:
         key: PrivateKey,
         issued: IssuedCertificate,
         attempt: _Attempt,
+        bundle: bytes | None = None,
+        pod_ips: tuple[str, ...] = (),
     ) -> None:
         """Swap the new files in, mount, record, schedule (lock held)."""
         if spec.issuer.is_local and self.local_trust_bundle is not None:
             # The bundle as of now, not as of signing: a CA retired while this renewal ran
             # (its volume's ca.crt already rewritten) must not come back with it.
             issued = dataclasses.replace(issued, ca_pem=self.local_trust_bundle())
-        files = _payload_files(spec, key, issued)
+        include_issuer = spec.trust_bundle is not None and spec.trust_bundle.include_issuer
+        ca_pem = issued.ca_pem
+        if bundle is not None and spec.trust_bundle is not None:
+            ca_pem = compose_ca(bundle, issued.ca_pem, include_issuer)
+        files = _payload_files(spec, key, issued, ca_pem)
         attempt.step = STORAGE
         write_payload(self._payload_dir(meta), files, _gid(spec, meta))
         attempt.step = None
@@ -513,12 +558,15 @@ class VolumeManager:
         meta.pending_request = None
         meta.issuer = spec.issuer.describe()
         meta.updated_at = self.clock()
+        meta.pod_ips = list(pod_ips)
+        meta.issuer_ca_pem = issued.ca_pem.decode() if include_issuer else ""
         attempt.step = STORAGE
         self.store.save(meta)
         self.store.clear_pending_key(meta.volume_id)
         attempt.step = None
         self._publish_metrics(meta, pod)
         self.scheduler.schedule(meta.volume_id, meta.next_renewal)
+        self.pod_ips.committed(meta.volume_id, spec, pod, pod_ips)
         if self.on_commit is not None:
             self.on_commit()
 
@@ -537,6 +585,8 @@ class VolumeManager:
     def _payload_complete(self, meta: VolumeMeta, spec: CertificateSpec) -> bool:
         directory = self._payload_dir(meta)
         names = [spec.files.certificate, spec.files.ca, spec.files.private_key]
+        if spec.files.credential_bundle:
+            names.append(spec.files.credential_bundle)
         return all(read_payload_file(directory, name) is not None for name in names)
 
     def _ensure_mounted(self, meta: VolumeMeta) -> None:
@@ -566,7 +616,7 @@ class VolumeManager:
         for meta in self.local_ca_volumes():
             if meta.state != VolumeState.READY or meta.not_after is None:
                 continue
-            spec, _pod = parse_volume_context(meta.volume_context)
+            spec, _pod = self._parse(meta.volume_context)
             pem = read_payload_file(self._payload_dir(meta), spec.files.certificate)
             if pem is None:
                 continue
@@ -584,7 +634,8 @@ class VolumeManager:
         """Swap a new CA bundle into every local-CA volume without reissuing; returns the count.
 
         After a CA rotation completes, this drops the retired CA from the pods' ca.crt at once
-        instead of waiting for each certificate's next renewal.
+        instead of waiting for each certificate's next renewal. A volume whose ca.crt is a trust
+        bundle keeps it (with the new CA added when it includes the issuer).
         """
         rewritten = 0
         for volume_id in self.store.volume_ids():
@@ -592,20 +643,60 @@ class VolumeManager:
                 meta = self.store.load(volume_id)
                 if meta is None or meta.state != VolumeState.READY:
                     continue
-                spec, _pod = parse_volume_context(meta.volume_context)
+                spec, pod = self._parse(meta.volume_context)
                 if meta.issuer != LOCAL_ISSUER:
                     continue
-                directory = self._payload_dir(meta)
-                names = [spec.files.certificate, spec.files.private_key]
-                if spec.pkcs12 is not None:
-                    names.append(spec.pkcs12.filename)
-                files = {name: read_payload_file(directory, name) for name in names}
-                if any(content is None for content in files.values()):
-                    continue
-                current = {name: content for name, content in files.items() if content}
-                write_payload(directory, {**current, spec.files.ca: ca_pem}, _gid(spec, meta))
-                rewritten += 1
+                new_ca = ca_pem
+                if spec.trust_bundle is not None:
+                    if not spec.trust_bundle.include_issuer:
+                        continue
+                    bundle = self.trust.current(spec, pod)
+                    if bundle is None:
+                        continue
+                    meta.issuer_ca_pem = ca_pem.decode()
+                    self.store.save(meta)
+                    new_ca = compose_ca(bundle, ca_pem, include_issuer=True)
+                if self._swap_ca_file(meta, spec, new_ca):
+                    rewritten += 1
         return rewritten
+
+    def _rewrite_trust_ca(self, volume_id: str) -> bool:
+        """The volume's trust bundle changed: a new ca.crt, same certificate and key."""
+        with self._locks.hold(volume_id):
+            meta = self.store.load(volume_id)
+            if meta is None or meta.state != VolumeState.READY:
+                return False
+            spec, pod = self._parse(meta.volume_context)
+            bundle = self.trust.current(spec, pod)
+            if spec.trust_bundle is None or bundle is None:
+                return False
+            issuer_ca = meta.issuer_ca_pem.encode()
+            ca_pem = compose_ca(bundle, issuer_ca, spec.trust_bundle.include_issuer)
+            if not self._swap_ca_file(meta, spec, ca_pem):
+                return False
+        log.info("trust bundle rewritten into ca.crt", extra=_log_fields(meta, pod))
+        return True
+
+    def _swap_ca_file(self, meta: VolumeMeta, spec: CertificateSpec, ca_pem: bytes) -> bool:
+        """Write the current files again with a new ca.crt, atomically (lock held)."""
+        directory = self._payload_dir(meta)
+        names = [spec.files.certificate, spec.files.private_key, spec.files.ca]
+        if spec.files.credential_bundle:
+            names.append(spec.files.credential_bundle)
+        files = {name: read_payload_file(directory, name) for name in names}
+        current = {name: content for name, content in files.items() if content is not None}
+        if len(current) != len(files) or current[spec.files.ca] == ca_pem:
+            return False
+        current[spec.files.ca] = ca_pem
+        if spec.pkcs12 is not None:  # its trust store follows ca.crt
+            current[spec.pkcs12.filename] = build_keystore(
+                load_private_key(current[spec.files.private_key]),
+                x509.load_pem_x509_certificates(current[spec.files.certificate]),
+                x509.load_pem_x509_certificates(ca_pem) if ca_pem.strip() else [],
+                spec.pkcs12.password,
+            )
+        write_payload(directory, current, _gid(spec, meta))
+        return True
 
 
 # ----------------------------------------------------------------------------- functions
@@ -655,19 +746,30 @@ def _gid(spec: CertificateSpec, meta: VolumeMeta) -> int | None:
     return None
 
 
+def _ip_sans_key(meta: VolumeMeta) -> str:
+    """The ip-sans key as the volume spells it, for messages."""
+    return next((k for k in meta.volume_context if k.endswith("/ip-sans")), "ip-sans")
+
+
 def _payload_files(
-    spec: CertificateSpec, key: PrivateKey, issued: IssuedCertificate
+    spec: CertificateSpec, key: PrivateKey, issued: IssuedCertificate, ca_pem: bytes
 ) -> dict[str, bytes]:
     files = {
         spec.files.private_key: encode_private_key(key, spec.key.encoding),
         spec.files.certificate: issued.chain_pem,
-        spec.files.ca: issued.ca_pem,
+        spec.files.ca: ca_pem,
     }
+    if spec.files.credential_bundle:
+        # podCertificate's credentialBundlePath layout: a PKCS#8 PRIVATE KEY block, then the
+        # chain (leaf first); one file, so key and certificate always come from one generation.
+        files[spec.files.credential_bundle] = (
+            encode_private_key(key, KeyEncoding.PKCS8) + issued.chain_pem
+        )
     if spec.pkcs12 is not None:
         files[spec.pkcs12.filename] = build_keystore(
             key,
             x509.load_pem_x509_certificates(issued.chain_pem),
-            x509.load_pem_x509_certificates(issued.ca_pem) if issued.ca_pem.strip() else [],
+            x509.load_pem_x509_certificates(ca_pem) if ca_pem.strip() else [],
             spec.pkcs12.password,
         )
     return files

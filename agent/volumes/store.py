@@ -80,6 +80,11 @@ class VolumeMeta:
     mode: str = "mount"  # "mount" (payload bind-mounted) or "direct" (written into target_path)
     created_at: float = 0.0
     updated_at: float = 0.0
+    # The pod IPs (from the pod watch) the current certificate carries for ${POD_IP}/${POD_IPS}.
+    pod_ips: list[str] = field(default_factory=list)
+    # The issuing CA (PEM), kept when ca.crt is a trust bundle with trust-bundle-include-issuer,
+    # so a bundle change can rebuild ca.crt without reissuing.
+    issuer_ca_pem: str = ""
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

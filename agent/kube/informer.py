@@ -1,0 +1,203 @@
+"""One list+watch of a set of objects, kept in memory: the agent's small informer.
+
+List, then watch from the list's resourceVersion; on 410 Gone list again; on a dropped
+connection watch again from the last version seen; on errors back off (full jitter, capped).
+Every request goes through the agent's rate-limited client. ``on_change`` gets the whole
+current set after the initial list, after every relist and after every event, so consumers
+compute their state from a snapshot and never depend on seeing each event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from typing import Any
+
+import urllib3
+from kubernetes import watch as k8s_watch
+from kubernetes.client.exceptions import ApiException
+
+from agent.errors import AgentError
+from agent.kube.client import backoff_delay, is_retryable, map_api_error
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Snapshot = dict[str, Obj]  # "namespace/name" (or "name") -> object
+WATCH_SECONDS = 300  # server-side timeout of one watch; then we simply watch again
+
+
+def object_key(obj: Obj) -> str:
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta.get('name')}" if namespace else str(meta.get("name"))
+
+
+class Informer:
+    """Keeps ``snapshot()`` equal to what ``list_func(**selectors)`` returns, via one watch."""
+
+    def __init__(
+        self,
+        list_func: Callable[..., Any],
+        *,
+        what: str,
+        on_change: Callable[[Snapshot], None],
+        name: str,
+        args: tuple[Any, ...] = (),
+        field_selector: str | None = None,
+        label_selector: str | None = None,
+        watch_seconds: int = WATCH_SECONDS,
+        backoff: Callable[[int], float] = backoff_delay,
+    ) -> None:
+        self._list_func = list_func
+        self._args = args
+        self._selectors: dict[str, str] = {}
+        if field_selector:
+            self._selectors["field_selector"] = field_selector
+        if label_selector:
+            self._selectors["label_selector"] = label_selector
+        self.what = what  # "list pods with fieldSelector spec.nodeName=node-1": names the verb
+        self.name = name
+        self._on_change = on_change
+        self._watch_seconds = watch_seconds
+        self._backoff = backoff
+        self._objects: Snapshot = {}
+        self._resource_version: str | None = None
+        self._lock = threading.Lock()
+        self._synced = threading.Event()
+        self._attempted = threading.Event()  # the first list answered (successfully or not)
+        self._stop = threading.Event()
+        self._watcher: Any = None
+        self._thread: threading.Thread | None = None
+        self.last_error: AgentError | None = None
+        self.relists = 0  # lists after the first (410 Gone), for tests and logs
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is None:
+            return
+        # Cut the watch's socket until the thread notices (it may be between connecting and
+        # getting the response, when there is nothing to cut yet). A daemon thread still stuck
+        # in a list request after a second is left behind: a stop must not wait for the API.
+        deadline = time.monotonic() + 1
+        while thread.is_alive() and time.monotonic() < deadline:
+            watcher = self._watcher
+            if watcher is not None:
+                watcher.stop()  # also shuts the socket down
+            thread.join(0.05)
+
+    def wait_first_list(self, timeout: float) -> bool:
+        """Block until the first list has answered (or failed); True when it succeeded."""
+        self._attempted.wait(timeout)
+        return self._synced.is_set()
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return dict(self._objects)
+
+    # ---- the loop
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                if self._resource_version is None:
+                    self._list()
+                self._watch()
+                failures = 0
+                continue
+            except ApiException as exc:
+                if exc.status == 410:
+                    log.info("watch expired, listing again", extra={"what": self.what})
+                    self._resource_version = None
+                    self.relists += 1
+                    continue
+                self._fail(map_api_error(exc, self.what), retryable=is_retryable(exc))
+            except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+                log.info("watch dropped", extra={"what": self.what, "error": str(exc)[:200]})
+            except AgentError as exc:
+                self._fail(exc, retryable=True)
+            except Exception:
+                log.exception("watch failed", extra={"what": self.what})
+            if self._stop.wait(self._backoff(failures)):
+                return
+            failures += 1
+
+    def _fail(self, error: AgentError, *, retryable: bool) -> None:
+        self.last_error = error
+        self._attempted.set()
+        level = logging.INFO if retryable else logging.ERROR
+        log.log(level, "list/watch failed", extra={"what": self.what, "error": error.message})
+
+    def _list(self) -> None:
+        response = self._list_func(*self._args, **self._selectors, _preload_content=False)
+        body = json.loads(response.data)
+        objects = {object_key(obj): obj for obj in body.get("items") or []}
+        with self._lock:
+            self._objects = objects
+        self._resource_version = (body.get("metadata") or {}).get("resourceVersion")
+        self.last_error = None
+        self._notify()  # before the events: a waiter must find the consumer's state current
+        self._synced.set()
+        self._attempted.set()
+
+    def _watch(self) -> None:
+        watcher = _RawWatch()
+        self._watcher = watcher
+        stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
+            self._list_func,
+            *self._args,
+            **self._selectors,
+            resource_version=self._resource_version,
+            timeout_seconds=self._watch_seconds,
+            _request_timeout=(10, self._watch_seconds + 10),
+        )
+        try:
+            for event in stream:
+                if self._stop.is_set():
+                    return
+                kind, obj = event.get("type"), event.get("raw_object") or {}
+                version = (obj.get("metadata") or {}).get("resourceVersion")
+                if kind in ("ADDED", "MODIFIED"):
+                    with self._lock:
+                        self._objects[object_key(obj)] = obj
+                elif kind == "DELETED":
+                    with self._lock:
+                        self._objects.pop(object_key(obj), None)
+                if version:
+                    self._resource_version = version
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    self._notify()
+        finally:
+            stream.close()
+            self._watcher = None
+
+    def _notify(self) -> None:
+        try:
+            self._on_change(self.snapshot())
+        except Exception:
+            log.exception("watch consumer failed", extra={"what": self.what})
+
+
+class _RawWatch(k8s_watch.Watch):
+    """A watch that hands out plain dicts: no model classes (a pod's model is costly to build)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
+    def get_return_type(self, func: Any) -> None:
+        return None
