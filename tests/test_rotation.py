@@ -226,11 +226,13 @@ def test_restart_mid_schedule_renews_each_volume_once_at_its_time(
     assert [serial_of(t) for t in targets] == serials
     assert {v: scheduler.due_time(v) for v in dues} == dues
 
-    # Move the clock past one volume's due time at a time: exactly that volume renews.
+    # Move the clock to one volume's due time at a time: exactly that volume renews (the others
+    # are due later, however close: the clock stops exactly at this one's time).
     order = sorted(dues, key=dues.__getitem__)
+    assert len(set(dues.values())) == len(dues)
     renewed: list[str] = []
     for volume_id in order:
-        clock.set(dues[volume_id] + 1)
+        clock.set(dues[volume_id])
         scheduler.wake()
         renewed.append(volume_id)
         expected = len(renewed)
