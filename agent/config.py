@@ -20,6 +20,7 @@ import yaml
 from agent import DEFAULT_DRIVER_NAME
 from agent.pki.name_constraints import ConstraintError, PermittedNames
 from agent.spec.durations import parse_go_duration
+from agent.spec.pcr import PcrConfigError, PcrSignerConfig, parse_signers
 
 ENV_PREFIX = "CERT_AGENT_"
 # CSI GetPluginInfo: at most 63 characters, alphanumeric at both ends, dashes and dots between.
@@ -37,7 +38,7 @@ class Setting:
     flag: str  # without the leading dashes
     help: str
     default: Any = None
-    kind: str = "str"  # str | bool | int | float | duration | duration-or-zero | list
+    kind: str = "str"  # str | bool | int | float | duration | duration-or-zero | list | yaml
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -142,6 +143,26 @@ SETTINGS: tuple[Setting, ...] = (
         "uses them), on (from start), off (refuse those volumes)",
         "auto",
     ),
+    Setting(
+        "pcr-signer-name",
+        "sign Kubernetes PodCertificateRequests of this node for these signer names "
+        "(comma-separated, e.g. cert-agent.io/pod-identity; docs/pod-certificates.md)",
+        None,
+        "list",
+    ),
+    Setting(
+        "pcr-signers",
+        "per-signer SAN templates, lifetime cap and key types, as a YAML/JSON mapping "
+        "(docs/pod-certificates.md)",
+        None,
+        "yaml",
+    ),
+    Setting(
+        "pcr-publish-trust-bundle",
+        "keep a ClusterTrustBundle <signer>:primary holding the local CA for each PCR signer",
+        False,
+        "bool",
+    ),
 )
 
 
@@ -190,6 +211,8 @@ class AgentConfig:
     pod_namespace: str | None = None
     ca_overlap_seconds: float | None = None  # None: --max-duration
     pod_watch: str = "auto"
+    pcr_signers: tuple[PcrSignerConfig, ...] = ()
+    pcr_publish_trust_bundle: bool = False
 
     @property
     def socket_path(self) -> Path:
@@ -208,6 +231,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=setting.help + env,
+            )
+        elif setting.kind == "list":
+            # Repeatable, and each value may itself be comma-separated.
+            parser.add_argument(
+                f"--{setting.flag}", action="append", default=None, help=setting.help + env
             )
         else:
             parser.add_argument(
@@ -285,11 +313,15 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
             if seconds < 0 or (seconds == 0 and setting.kind == "duration"):
                 raise ValueError("must be positive")
             return seconds
+        if setting.kind == "yaml":
+            # A mapping from the config file as is; from a flag or env as YAML (or JSON) text.
+            return yaml.safe_load(value) if isinstance(value, str) else value
         if setting.kind == "list":
-            items = value if isinstance(value, list) else str(value).split(",")
-            return [str(i).strip() for i in items if str(i).strip()]
+            items = value if isinstance(value, list) else [value]
+            parts = [p for i in items for p in str(i).split(",")]
+            return [p.strip() for p in parts if p.strip()]
         return str(value)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{source}: invalid value {value!r}: {exc}") from exc
 
 
@@ -364,6 +396,18 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         if raw[flag] < 1:
             raise ConfigError(f"--{flag} must be at least 1")
     node_ca = _node_ca(raw, standalone)
+    try:
+        pcr_signers = parse_signers(
+            raw["pcr-signer-name"] or [],
+            raw["pcr-signers"],
+            raw["cluster-domain"].strip(".").lower(),
+        )
+    except PcrConfigError as exc:
+        raise ConfigError(str(exc)) from exc
+    if pcr_signers and standalone:
+        raise ConfigError("--pcr-signer-name needs Kubernetes access; drop --standalone")
+    if raw["pcr-publish-trust-bundle"] and not pcr_signers:
+        raise ConfigError("--pcr-publish-trust-bundle needs at least one --pcr-signer-name")
     return AgentConfig(
         endpoint=raw["endpoint"],
         node_id=node_id,
@@ -396,6 +440,8 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         pod_namespace=raw["pod-namespace"],
         ca_overlap_seconds=raw["ca-overlap"],
         pod_watch=pod_watch,
+        pcr_signers=pcr_signers,
+        pcr_publish_trust_bundle=bool(raw["pcr-publish-trust-bundle"]),
     )
 
 

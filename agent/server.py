@@ -81,6 +81,7 @@ class Agent:
         # True while start-up may be interrupted by raising into it (see ``serve``).
         self.interruptible = False
         self._rotation: Any = None  # agent.issuers.ca_rotation.SecretCARotation with --ca-secret
+        self.pcr: Any = None  # agent.issuers.pcr_service.PcrService with --pcr-signer-name
         self.grpc_server: grpc.Server | None = None
         self.health: HealthServer | None = None
 
@@ -179,6 +180,8 @@ class Agent:
             )
             self.manager.on_commit = self._rotation.note_issued
         recovered = self.manager.recover()
+        if config.pcr_signers and api is not None:
+            self._start_pcr(api)
         self._closers.append(lambda: self.scheduler.stop(STOP_GRACE_SECONDS))
         # Certificates of an earlier node CA (renewed while the agent was down) move over too.
         self.move_to_node_ca()
@@ -300,7 +303,7 @@ class Agent:
                 overlap_seconds=config.max_duration_seconds if overlap is None else overlap,
                 state_file=config.data_root / CA_OVERLAP_STATE,
                 clock=self.clock,
-                on_load=lambda ca: self.metrics.set_ca_expiry(ca.not_after.timestamp()),
+                on_load=self._ca_loaded,
             )
             self._closers.append(rotation.stop)
             rotation.start()
@@ -373,10 +376,30 @@ class Agent:
         if moved:
             log.info("moving pod certificates to the new node CA", extra={"volumes": moved})
 
+    def _start_pcr(self, api: Any) -> None:
+        """PodCertificateRequest signing (docs/pod-certificates.md), with the local CA."""
+        from agent.issuers.pcr_service import PcrService
+
+        self.pcr = PcrService(
+            api,
+            node=self.config.node_id,
+            signers=self.config.pcr_signers,
+            ca=self.ca_provider,
+            registry=self.metrics.registry,
+            publish_trust_bundle=self.config.pcr_publish_trust_bundle,
+        )
+        self._closers.append(self.pcr.stop)
+        self.pcr.start()
+
     def _reissue_all(self) -> None:
         """The local CA changed: renew its volumes now (the renewal workers bound the rate)."""
         for meta in self.manager.local_ca_volumes():
             self.scheduler.schedule(meta.volume_id, 0.0)
+
+    def _ca_loaded(self, ca: Any) -> None:
+        self.metrics.set_ca_expiry(ca.not_after.timestamp())
+        if self.pcr is not None:
+            self.pcr.ca_changed()  # the published ClusterTrustBundle follows the CA
 
     def _start_grpc(self) -> None:
         socket_path = self.config.socket_path
