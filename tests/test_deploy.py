@@ -832,3 +832,64 @@ def test_pod_info_component_grants_read_access_for_pod_ips_and_trust_bundles(
     from agent.kube.trust_bundles import RBAC_HINT as BUNDLE_HINT
 
     assert "deploy/components/pod-info" in RBAC_HINT and "deploy/components/pod-info" in BUNDLE_HINT
+
+
+def test_pod_certificates_component_grants_exactly_the_signers_needs(tmp_path: Path) -> None:
+    """deploy/components/pod-certificates as its header says to use it: the RBAC the PCR signer
+    needs for the signer name the DaemonSet gets, and nothing else; objects valid."""
+    from agent.config import resolve
+    from agent.kube.trust_bundle_publisher import bundle_name
+
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY, tmp_path)],
+                "components": [
+                    os.path.relpath(DEPLOY / "components" / "pod-certificates", tmp_path)
+                ],
+            }
+        )
+    )
+    docs = render(tmp_path)
+    role = find(docs, "ClusterRole", "cert-agent-pod-certificates")
+    granted = {
+        (group, resource, verb, tuple(rule.get("resourceNames", ())))
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    # The environment the DaemonSet gives the agent, through the real resolver.
+    agent = container(find(docs, "DaemonSet"), "cert-agent")
+    env = {k: v for k, v in env_values(agent).items() if k.startswith("CERT_AGENT_PCR")}
+    env |= {"CERT_AGENT_NODE_ID": "node-1", "CERT_AGENT_CA_DIR": "/ca"}
+    config = resolve(argparse.Namespace(), environ=env)
+    signers = tuple(s.signer_name for s in config.pcr_signers)
+    assert signers == ("cert-agent.io/pod-identity",) and config.pcr_publish_trust_bundle
+    group = "certificates.k8s.io"
+    wanted = {
+        (group, "podcertificaterequests", "get", ()),
+        (group, "podcertificaterequests", "list", ()),
+        (group, "podcertificaterequests", "watch", ()),
+        (group, "podcertificaterequests/status", "update", ()),
+        (group, "signers", "sign", signers),
+        (group, "signers", "attest", signers),
+        (group, "clustertrustbundles", "create", ()),
+        (group, "clustertrustbundles", "get", tuple(bundle_name(s) for s in signers)),
+        (group, "clustertrustbundles", "update", tuple(bundle_name(s) for s in signers)),
+        ("", "pods", "get", ()),
+    }
+    assert granted == wanted
+    binding = find(docs, "ClusterRoleBinding", "cert-agent-pod-certificates")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "cert-agent", "namespace": "cert-agent"}
+    ]
+    import kubernetes_validate as kv
+
+    for doc in (role, binding, find(docs, "DaemonSet")):
+        kv.validate(doc, "1.37.0", strict=True)
+    # The base alone grants none of it.
+    assert all("podcertificaterequests" not in yaml.safe_dump(d) for d in render(DEPLOY))
