@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +156,11 @@ def _key_problems(spec: Obj) -> list[Problem]:
         key = serialization.load_der_public_key(pkix)
     except ValueError:
         return [
-            ("spec.pkixPublicKey", "FieldValueInvalid", "must be a valid PKIX-serialized public key")
+            (
+                "spec.pkixPublicKey",
+                "FieldValueInvalid",
+                "must be a valid PKIX-serialized public key",
+            )
         ]
     problems = _key_type_problems(key, "spec.pkixPublicKey")  # type: ignore[arg-type]
     if problems:
@@ -418,7 +423,7 @@ def _dns_names(cert: x509.Certificate) -> list[str]:
 # --------------------------------------------------------------------------- kubelet
 
 
-KEY_MAKERS = {
+KEY_MAKERS: dict[str, Callable[[], Any]] = {
     "ECDSAP256": lambda: ec.generate_private_key(ec.SECP256R1()),
     "ECDSAP384": lambda: ec.generate_private_key(ec.SECP384R1()),
     "ECDSAP521": lambda: ec.generate_private_key(ec.SECP521R1()),
@@ -460,8 +465,8 @@ def pcr_body(
         spec["maxExpirationSeconds"] = max_expiration
     if form == "stub":
         algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-            key, algorithm
+        csr = (
+            x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, algorithm)
         )
         spec["stubPKCS10Request"] = base64.b64encode(
             csr.public_bytes(serialization.Encoding.DER)

@@ -887,7 +887,7 @@ def test_pod_certificates_component_grants_exactly_the_signers_needs(tmp_path: P
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "cert-agent", "namespace": "cert-agent"}
     ]
-    import kubernetes_validate as kv
+    import kubernetes_validate as kv  # type: ignore[import-untyped]
 
     for doc in (role, binding, find(docs, "DaemonSet")):
         kv.validate(doc, "1.37.0", strict=True)

@@ -4,6 +4,7 @@ and each way a request can lie about its key."""
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -15,13 +16,17 @@ from agent.spec.pcr import KEY_TYPES
 from tests.fake_pcr import KEY_MAKERS, pcr_body, sign_uid, validate_create
 
 POD = {
-    "metadata": {"name": "web-0", "namespace": "apps", "uid": "6d1f3c1e-0000-4000-8000-000000000001"},
+    "metadata": {
+        "name": "web-0",
+        "namespace": "apps",
+        "uid": "6d1f3c1e-0000-4000-8000-000000000001",
+    },
     "spec": {"nodeName": "node-1", "serviceAccountName": "web"},
 }
 ALL = frozenset(KEY_TYPES)
 
 
-def spec(**kwargs: object) -> dict[str, object]:
+def spec(**kwargs: Any) -> dict[str, Any]:
     body = pcr_body(name="r", pod=POD, signer="cert-agent.io/pod-identity", **kwargs).body
     return body["spec"]  # type: ignore[no-any-return]
 
@@ -55,8 +60,10 @@ def test_a_stub_request_signed_by_another_key_is_refused() -> None:
     csr = x509.load_der_x509_csr(base64.b64decode(str(s["stubPKCS10Request"])))
     # Same public key, signature from another key: rebuild the DER with a foreign signature.
     other = ec.generate_private_key(ec.SECP256R1())
-    forged = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        other, hashes.SHA256()
+    forged = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(other, hashes.SHA256())
     )
     der = csr.tbs_certrequest_bytes
     raw = forged.public_bytes(serialization.Encoding.DER)
@@ -84,7 +91,7 @@ def test_a_proof_over_another_uid_is_refused(key_type: str) -> None:
 def test_pkix_key_that_differs_from_the_stub_is_refused() -> None:
     s = spec()
     s["pkixPublicKey"] = spec(form="pkix")["pkixPublicKey"]
-    with pytest.raises(PcrRefused, match="not the key of spec.stubPKCS10Request"):
+    with pytest.raises(PcrRefused, match=r"not the key of spec\.stubPKCS10Request"):
         subject_key(s, ALL)
 
 
