@@ -29,10 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import kubernetes_validate  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from tests.fakekube import _EXTRA_FIELDS, Cause, FakeKube, Resource, invalid
 
 Obj = dict[str, Any]
 Problem = tuple[str, str, str]  # field, reason, message
@@ -60,6 +63,58 @@ FIELDS = {
     "spec.podName": lambda o: (o.get("spec") or {}).get("podName", ""),
     "spec.nodeName": lambda o: (o.get("spec") or {}).get("nodeName", ""),
 }
+
+
+# --------------------------------------------------------------------------- registration
+
+PCRS = Resource(GROUP, VERSION, PLURAL, KIND, status_subresource=True)
+
+
+class PcrAdmission:
+    """The API server's defaulting and validation of PCRs (``FakeKube.kind_hooks``).
+
+    ``version``: the Kubernetes release whose schema applies (1.36+ require
+    ``stubPKCS10Request``; 1.35 has only ``pkixPublicKey`` + ``proofOfPossession``).
+    ``admit_bad_keys``: skip the key checks at creation, for a request that got past a broken
+    admission (to test that the signer verifies for itself). ``clock``: the server's "now".
+    """
+
+    def __init__(self) -> None:
+        self.version = "1.37.0"
+        self.admit_bad_keys = False
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+
+    def schema_problems(self, obj: Obj) -> list[Problem]:
+        try:
+            kubernetes_validate.validate(obj, self.version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(part) for part in exc.path) or "<root>"
+            return [(where, "FieldValueInvalid", f"Invalid value: {where}: {exc.message}")]
+        return []
+
+    def on_create(self, res: Resource, obj: Obj) -> None:
+        default_pcr(obj)
+        problems = self.schema_problems(obj)
+        if not problems:
+            problems = validate_create(obj, check_key=not self.admit_bad_keys)
+        if problems:
+            raise invalid(res, obj["metadata"].get("name", ""), [Cause(*p) for p in problems])
+
+    def on_update(self, res: Resource, old: Obj, new: Obj, status_only: bool) -> None:
+        problems = self.schema_problems(new) or validate_update(
+            old, new, status_only=status_only, now=self.clock()
+        )
+        if problems:
+            raise invalid(res, new["metadata"].get("name", ""), [Cause(*p) for p in problems])
+
+
+def install(fake: FakeKube) -> PcrAdmission:
+    """Serve PodCertificateRequests from ``fake``: the kind, its field selectors, admission."""
+    fake.resources[(GROUP, PLURAL)] = PCRS
+    _EXTRA_FIELDS[PLURAL] = FIELDS
+    admission = PcrAdmission()
+    fake.kind_hooks[PLURAL] = admission
+    return admission
 
 
 # --------------------------------------------------------------------------- create
@@ -93,7 +148,7 @@ def default_pcr(obj: Obj) -> None:
         spec.setdefault("maxExpirationSeconds", DEFAULT_MAX_EXPIRATION)
 
 
-def validate_create(obj: Obj) -> list[Problem]:
+def validate_create(obj: Obj, *, check_key: bool = True) -> list[Problem]:
     spec = obj.get("spec")
     if not isinstance(spec, dict):
         return [("spec", "FieldValueRequired", "Required value")]
@@ -123,7 +178,7 @@ def validate_create(obj: Obj) -> list[Problem]:
                 f"Invalid value: {max_exp}: must be in the range [{MIN_MAX_EXPIRATION}, {top}]",
             )
         )
-    if problems:
+    if problems or not check_key:
         return problems
     return _key_problems(spec)
 

@@ -507,6 +507,9 @@ class FakeKube:
             for r in (self.certificate_requests, SECRETS, PODS, CONFIGMAPS, CLUSTER_TRUST_BUNDLES)
         }
         self.users: dict[str, str] = {AGENT_TOKEN: AGENT_USER}
+        # plural -> an object with on_create(res, obj) and on_update(res, old, new, status_only)
+        # that default and validate like the real API server (tests/fake_pcr.py: PCRs).
+        self.kind_hooks: dict[str, Any] = {}
         self.requests: list[RequestRecord] = []
         self._objects: dict[tuple[str, str, str, str], Obj] = {}
         self._history: list[Event] = []
@@ -716,6 +719,8 @@ class FakeKube:
                 # What cert-manager's webhook does: record who created the request.
                 obj.setdefault("spec", {})["username"] = user
             self._validate(res, obj)
+            if res.plural in self.kind_hooks:  # admission of kinds added by other modules
+                self.kind_hooks[res.plural].on_create(res, obj)
             key = (res.group, res.plural, namespace, name)
             if key in self._objects:
                 raise ApiError(
@@ -759,6 +764,8 @@ class FakeKube:
                 if not res.status_subresource and "status" in obj:
                     new["status"] = copy.deepcopy(obj["status"])
             self._validate(res, new)
+            if res.plural in self.kind_hooks:
+                self.kind_hooks[res.plural].on_update(res, current, new, status_only)
             return self._commit(res, key, new, "MODIFIED")
 
     def patch_status(self, res: Resource, namespace: str, name: str, patch: Obj) -> Obj:

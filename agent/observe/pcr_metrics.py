@@ -43,6 +43,6 @@ class PcrMetrics:
     def answered(self, signer: str, outcome: str, reason: str, seconds: float | None) -> None:
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown PCR outcome {outcome!r}")
-        self.requests.labels(signer, outcome, reason).inc()
         if seconds is not None:
             self.latency.labels(signer).observe(max(0.0, seconds))
+        self.requests.labels(signer, outcome, reason).inc()
