@@ -293,7 +293,7 @@ def validate_status(old: Obj, status: Obj, now: dt.datetime) -> list[Problem]:
         return problems
     old_status = old.get("status") or {}
     if _terminal(old_status.get("conditions") or []):
-        if status != old_status:
+        if _semantic(status) != _semantic(old_status):
             return [
                 (
                     "status",
@@ -316,7 +316,7 @@ def validate_status(old: Obj, status: Obj, now: dt.datetime) -> list[Problem]:
         return []
     if kind == "Issued":
         return _issued_problems(old["spec"], status, now)
-    if status != old_status:
+    if _semantic(status) != _semantic(old_status):
         return [
             (
                 "status",
@@ -325,6 +325,11 @@ def validate_status(old: Obj, status: Obj, now: dt.datetime) -> list[Problem]:
             )
         ]
     return []
+
+
+def _semantic(status: Obj) -> Obj:
+    """Go's semantic equality: an empty list or map equals a missing one."""
+    return {k: v for k, v in status.items() if v not in (None, [], {}, "")}
 
 
 def _terminal(conditions: list[Obj]) -> str | None:
