@@ -162,7 +162,7 @@ BAD_STATUSES: dict[str, tuple[Callable[[Any], Obj], str]] = {
         lambda key: {
             "conditions": denied()["conditions"]
             + issued(leaf(key, NOW, dt.timedelta(hours=2)))["conditions"]
-        },  # noqa: E501
+        },
         "at most one condition",
     ),
     "unknown condition type": (
