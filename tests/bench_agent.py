@@ -12,6 +12,8 @@ number is a ratio taken within one run, so a slow or busy machine shifts both si
    agent with none.
 6. Pod IP SANs: from the pod watch delivering a pod's IP to the certificate carrying it
    (tests/bench_pod_ips.py, against the fake API server).
+7. PodCertificateRequests: from the signer's watch delivering a request to its Issued status
+   written (tests/bench_pcr.py, against the fake API server with the real status rules).
 
 Loopback and local files only; every loop is bounded; mounts are removed even on failure.
 """
@@ -47,6 +49,7 @@ from agent.observe.logs import configure_logging
 from agent.pki.ca import CertificateAuthority
 from agent.volumes.mounter import read_mountinfo
 from tests.bench_node_ca import NodeCAResults, bench_node_ca, render_node_ca
+from tests.bench_pcr import PcrResults, bench_pcr, render_pcr
 from tests.bench_pod_ips import PodIPResults, bench_pod_ips, render_pod_ips
 from tests.conftest import IS_ROOT, REPO, AgentProcess, Pod, RunningAgent, unmount_below
 
@@ -533,6 +536,7 @@ def render(
     elapsed: float,
     node_ca: NodeCAResults | None = None,
     pod_ips: PodIPResults | None = None,
+    pcr: PcrResults | None = None,
 ) -> str:
     out: list[str] = []
     add = out.append
@@ -646,6 +650,8 @@ def render(
     render_node_ca(add, node_ca)
     if pod_ips is not None:
         render_pod_ips(add, pod_ips, percentile)
+    if pcr is not None:
+        render_pcr(add, pcr, percentile)
 
     add("## Interpretation")
     add("")
@@ -864,7 +870,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         (tmp / "pod-ips").mkdir()
         sequential, burst = (20, 10) if args.quick else (200, 50)
         pod_ips = bench_pod_ips(tmp / "pod-ips", sequential, burst)
-    report = render(info, latency, fleet, time.perf_counter() - started, node_ca, pod_ips)
+        print("7. PodCertificateRequests: watch event to status written", flush=True)
+        (tmp / "pcr").mkdir()
+        pcr = bench_pcr(tmp / "pcr", *((20, 10) if args.quick else (200, 50)))
+    report = render(info, latency, fleet, time.perf_counter() - started, node_ca, pod_ips, pcr)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)

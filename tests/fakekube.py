@@ -1016,6 +1016,9 @@ _VERBS = {"POST": "create", "DELETE": "delete", "PUT": "update", "PATCH": "patch
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeKube
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle and the client's
+    # delayed ACK add ~40 ms to every response (no real API server does that).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: pytest captures enough

@@ -159,7 +159,7 @@ class PcrSigner:
             level,
             f"PodCertificateRequest {outcome}",
             extra={"pcr": describe(pcr), "signer": self.signer, "reason": reason,
-                   "message": message, "seconds": round(seconds, 4)},
+                   "detail": message, "seconds": round(seconds, 4)},
         )  # fmt: skip
 
     def _decide(self, pcr: Obj) -> tuple[Obj, str, str]:
