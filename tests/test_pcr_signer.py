@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -404,3 +405,23 @@ def test_requests_that_arrived_while_the_signer_was_down_are_signed_on_start(
         assert condition(pcr.answered(request))["type"] == "Issued"  # type: ignore[index]
     # Each was written once: the list and the watch do not answer a request twice.
     assert [pcr.status_writes(r) for r in waiting] == [1, 1, 1]
+
+
+def test_every_answer_is_logged_with_its_reason(
+    pcr: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a log field named 'message' made every answer's log line raise."""
+    caplog.set_level(logging.INFO, logger="agent")
+    pcr.start({SIGNER: {"key-types": ["ED25519"]}})
+    pcr.answered(pcr.request(pcr.pod("web-0"), key_type="ED25519"))
+    pcr.answered(pcr.request(pcr.pod("web-1"), key_type="ECDSAP256"))
+    pcr.fake.wait_until(lambda: len(_answers(caplog)) == 2)
+    by_reason = {r.reason: r for r in _answers(caplog)}  # type: ignore[attr-defined]
+    assert by_reason["Issued"].levelno == logging.INFO
+    assert by_reason["UnsupportedKeyType"].levelno == logging.WARNING
+    assert "keyType" in by_reason["UnsupportedKeyType"].detail  # type: ignore[attr-defined]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def _answers(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("PodCertificateRequest ")]
