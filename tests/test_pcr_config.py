@@ -124,3 +124,30 @@ def test_dns_names_from_long_pod_names_are_caught() -> None:
     names = expand(signer, PcrIdentity("ns", "web-0", "u", "sa", "n"))
     assert names.dns_names == ("web-0.ns.pod.cluster.local",)
     assert dns_name_problem(names.dns_names[0]) is None
+
+
+def test_the_documented_workload_and_settings_are_valid() -> None:
+    """docs/pod-certificates.md: the Deployment validates against the Kubernetes 1.37 schema
+    (podCertificate and clusterTrustBundle sources), the pcr-signers block is what the resolver
+    accepts, and the documented defaults are the real ones."""
+    import re
+
+    import kubernetes_validate  # type: ignore[import-untyped]
+    import yaml
+
+    from agent.kube.trust_bundle_publisher import bundle_name
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "pod-certificates.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    deployment = next(b for b in blocks if b.get("kind") == "Deployment")
+    kubernetes_validate.validate(deployment, "1.37.0", strict=True)
+    sources = deployment["spec"]["template"]["spec"]["volumes"][0]["projected"]["sources"]
+    assert sources[0]["podCertificate"]["signerName"] == "cert-agent.io/pod-identity"
+    settings = next(b for b in blocks if "pcr-signers" in b)
+    env = {"CERT_AGENT_PCR_SIGNERS": yaml.safe_dump(settings["pcr-signers"])}
+    resolved = resolve_args("--pcr-signer-name", "cert-agent.io/pod-identity", environ=env)
+    (documented,) = resolved.pcr_signers
+    (default,) = resolve_args("--pcr-signer-name", "cert-agent.io/pod-identity").pcr_signers
+    assert documented == default
+    bundle = next(b for b in blocks if b.get("kind") == "ClusterTrustBundle")
+    assert bundle["metadata"]["name"] == bundle_name(bundle["spec"]["signerName"])
