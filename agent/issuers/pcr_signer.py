@@ -52,7 +52,7 @@ Obj = dict[str, Any]
 # pods of a node that all started together do not all come back in the same second.
 REFRESH_AT = (0.5, 0.75)
 REFRESH_MARGIN = dt.timedelta(minutes=10)  # the API wants beginRefreshAt 10 min inside the cert
-MAX_RETRIES = 8
+LOUD_EVERY = 8  # a request that keeps failing is logged as an error every 8th attempt
 
 
 class StatusWriter(Protocol):
@@ -283,22 +283,26 @@ class PcrSigner:
     # ---- bookkeeping
 
     def _retry(self, pcr: Obj, arrived: float, attempt: int, error: str) -> None:
+        # Retried for as long as the request exists and is pending (each retry reads it
+        # first), at most every BACKOFF_CAP_SECONDS: kubelet waits for an answer meanwhile.
         uid = str(pcr["metadata"].get("uid") or "")
-        if attempt >= MAX_RETRIES:
-            log.error(
-                "PCR still cannot be answered; waiting for the next watch event",
-                extra={"pcr": describe(pcr), "error": error},
-            )
-            return
         delay = backoff_delay(attempt + 2)
-        log.info(
-            "PCR answer postponed", extra={"pcr": describe(pcr), "error": error, "delay": delay}
-        )
+        level = logging.ERROR if attempt and attempt % LOUD_EVERY == 0 else logging.INFO
+        log.log(
+            level,
+            "PCR answer postponed",
+            extra={"pcr": describe(pcr), "error": error, "delay": round(delay, 3),
+                   "attempt": attempt + 1},
+        )  # fmt: skip
 
         def again() -> None:
             with self._lock:
                 self._retries.pop(uid, None)
-            fresh = self._api.get(pcr["metadata"]["namespace"], pcr["metadata"]["name"])
+            try:
+                fresh = self._api.get(pcr["metadata"]["namespace"], pcr["metadata"]["name"])
+            except AgentError as exc:
+                self._retry(pcr, arrived, attempt + 1, exc.message)
+                return
             if fresh is not None and is_pending(fresh):
                 self._handle(fresh, arrived, attempt + 1)
 
