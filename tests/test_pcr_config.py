@@ -137,7 +137,7 @@ def test_the_documented_workload_and_settings_are_valid() -> None:
 
     from agent.kube.trust_bundle_publisher import bundle_name
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "pod-certificates.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs/pod-certificates.md").read_text()
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
     deployment = next(b for b in blocks if b.get("kind") == "Deployment")
     kubernetes_validate.validate(deployment, "1.37.0", strict=True)
