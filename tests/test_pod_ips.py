@@ -256,3 +256,18 @@ def test_renewal_keeps_the_known_ips_when_the_watch_cannot_run(
     assert second.agent.manager.renew(pod.volume_id) is not None  # never left to expire
     assert serial(target) != before
     assert ip_sans(target) == ["10.4.0.13"]  # what the watch said before, not nothing
+
+
+def test_transient_api_errors_are_retried_within_the_publish(
+    node_agent: Any, fake: FakeKube
+) -> None:
+    agent = node_agent()
+    pod = scheduled_pod(agent, fake, "web-9")
+    # The first two lists of the node's pods fail (a busy API server); the watch backs off and
+    # lists again while the publish waits for it, instead of failing the mount at once.
+    fake.fail_next(2, 500, path_contains="/api/v1/pods", watch=False)
+    target = agent.publish(pod, ATTRS)
+    assert ip_sans(target) == []
+    assert fake.count("GET", "/api/v1/pods") == 3
+    fake.set_pod_ips(NAMESPACE, "web-9", ["10.4.0.14"])
+    assert agent.agent.manager.pod_ips.wait_carried(pod.volume_id, 10)

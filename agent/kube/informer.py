@@ -68,7 +68,9 @@ class Informer:
         self._resource_version: str | None = None
         self._lock = threading.Lock()
         self._synced = threading.Event()
-        self._attempted = threading.Event()  # the first list answered (successfully or not)
+        # Set when the list succeeded or failed for good (403, 404): a waiter need not wait
+        # through the retries of a transient failure (429, 5xx, a dropped connection) for that.
+        self._attempted = threading.Event()
         self._stop = threading.Event()
         self._watcher: Any = None
         self._thread: threading.Thread | None = None
@@ -97,7 +99,7 @@ class Informer:
             thread.join(0.05)
 
     def wait_first_list(self, timeout: float) -> bool:
-        """Block until the first list has answered (or failed); True when it succeeded."""
+        """Block until the first list succeeded (True), failed for good, or ``timeout``."""
         self._attempted.wait(timeout)
         return self._synced.is_set()
 
@@ -128,7 +130,7 @@ class Informer:
                     continue
                 self._fail(map_api_error(exc, self.what), retryable=is_retryable(exc))
             except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
-                log.info("watch dropped", extra={"what": self.what, "error": str(exc)[:200]})
+                self._fail(map_api_error(exc, self.what), retryable=True)
             except AgentError as exc:
                 self._fail(exc, retryable=True)
             except Exception:
@@ -139,7 +141,8 @@ class Informer:
 
     def _fail(self, error: AgentError, *, retryable: bool) -> None:
         self.last_error = error
-        self._attempted.set()
+        if not retryable:
+            self._attempted.set()
         level = logging.INFO if retryable else logging.ERROR
         log.log(level, "list/watch failed", extra={"what": self.what, "error": error.message})
 
