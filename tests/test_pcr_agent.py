@@ -66,6 +66,7 @@ def test_the_agent_signs_pcrs_with_its_ca_and_publishes_the_bundle(
     chain.write_text(done["status"]["certificateChain"])
     assert "OK" in openssl("verify", "-CAfile", str(ca_file), "-untrusted", str(chain), str(chain))
     # The bundle: named by the signer, linked to it, holding the same CA.
+    fake.wait_until(lambda: bool(fake.list(CLUSTER_TRUST_BUNDLES)))
     bundle = fake.get(CLUSTER_TRUST_BUNDLES, "", BUNDLE)
     assert bundle["spec"] == {"signerName": SIGNER, "trustBundle": ca_pem(fake).decode()}
     assert bundle["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "cert-agent"}
@@ -155,4 +156,30 @@ def test_the_publisher_repairs_the_bundle_and_writes_only_on_change(
     tampered["spec"]["trustBundle"] = pem(other).decode()
     fake.update(CLUSTER_TRUST_BUNDLES, "", tampered)
     assert publisher.publish(SIGNER) is True
+    assert fake.get(CLUSTER_TRUST_BUNDLES, "", BUNDLE)["spec"]["trustBundle"] == pem(cert).decode()
+
+
+def test_an_api_server_that_does_not_answer_never_holds_up_the_start(
+    fake: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the first publish ran in start(), so a stuck API server blocked the agent's
+    start-up for the length of the request timeout."""
+    import threading
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    _key, cert = make_test_ca("bundle CA")
+    api = make_api_client(KubeSettings(kubeconfig=str(fake.write_kubeconfig(tmp_path / "kc"))))
+    publisher = TrustBundlePublisher(api, (SIGNER,), lambda: pem(cert))
+    fake.hang("clustertrustbundles")
+    try:
+        started = threading.Thread(target=publisher.start)
+        started.start()
+        fake.wait_until(lambda: fake.count("GET", "clustertrustbundles") == 1)
+        started.join(5)  # returns at once; before the fix it waited for the request timeout
+        assert not started.is_alive()
+        assert publisher.writes == 0
+    finally:
+        fake.release_hung()
+    fake.wait_until(lambda: publisher.writes == 1)
+    publisher.stop()
     assert fake.get(CLUSTER_TRUST_BUNDLES, "", BUNDLE)["spec"]["trustBundle"] == pem(cert).decode()

@@ -55,7 +55,9 @@ class TrustBundlePublisher:
         self.writes = 0  # creates and updates, for tests and logs
 
     def start(self) -> None:
-        self.publish_all()
+        """Publish from the publisher's own thread, at once and then on schedule: an API server
+        that does not answer never holds up the agent's start."""
+        self._wake.set()
         self._thread = threading.Thread(target=self._run, name="pcr-trust-bundle", daemon=True)
         self._thread.start()
 
