@@ -425,3 +425,31 @@ def test_every_answer_is_logged_with_its_reason(
 
 def _answers(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.getMessage().startswith("PodCertificateRequest ")]
+
+
+def test_a_cluster_without_the_api_is_reported_with_the_flags_it_needs(
+    fake: FakeKube, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No PodCertificateRequest API (feature off): the watch says which API server flags are
+    missing, and keeps trying (the admin may turn it on) without touching anything."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    key, cert = make_test_ca("CA")
+    api = make_api_client(KubeSettings(kubeconfig=str(fake.write_kubeconfig(tmp_path / "kc"))))
+    service = PcrService(
+        api,
+        node=NODE,
+        signers=parse_signers([SIGNER], None),
+        ca=StaticCAProvider(CertificateAuthority(cert, key)),
+        registry=CollectorRegistry(),
+    )
+    service.start()
+    try:
+        (watch,) = service.watches
+        fake.wait_until(lambda: fake.count("GET", "/podcertificaterequests") >= 2)
+        fake.wait_until(lambda: watch.last_error is not None)
+        assert watch.last_error is not None
+        assert "--feature-gates=PodCertificateRequest=true" in watch.last_error.message
+        assert "--runtime-config=certificates.k8s.io/v1beta1=true" in watch.last_error.message
+        assert not watch.wait_listed(0)
+    finally:
+        service.stop()

@@ -99,7 +99,14 @@ class PcrWatch:
                     log.info("PCR watch expired, listing again", extra={"what": self.what})
                     self._resource_version = None
                     continue
-                self._fail(map_api_error(exc, self.what), retryable=is_retryable(exc))
+                error = map_api_error(exc, self.what)
+                if exc.status == 404:
+                    error.message += (
+                        "; is the PodCertificateRequest API on? kube-apiserver needs "
+                        "--feature-gates=PodCertificateRequest=true and "
+                        "--runtime-config=certificates.k8s.io/v1beta1=true"
+                    )
+                self._fail(error, retryable=is_retryable(exc))
             except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
                 log.info("PCR watch dropped", extra={"what": self.what, "error": str(exc)[:200]})
             except AgentError as exc:
