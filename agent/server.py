@@ -387,6 +387,7 @@ class Agent:
             ca=self.ca_provider,
             registry=self.metrics.registry,
             publish_trust_bundle=self.config.pcr_publish_trust_bundle,
+            leaf_guard=None if self.node_ca is None else self.node_ca.check_leaf,
         )
         self._closers.append(self.pcr.stop)
         self.pcr.start()

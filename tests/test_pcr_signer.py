@@ -48,6 +48,7 @@ class Harness:
         self.kubeconfig = fake.write_kubeconfig(tmp / "kubeconfig")
         self.registry = CollectorRegistry()
         self.policy: Any = None
+        self.leaf_guard: Any = None
         self.service: PcrService | None = None
         self.keys: dict[str, Any] = {}
         self._count = 0
@@ -62,6 +63,7 @@ class Harness:
             ca=StaticCAProvider(self.ca),
             registry=self.registry,
             policy=self.policy,
+            leaf_guard=self.leaf_guard,
         )
         self.service.start()
         for watch in self.service.watches:
@@ -453,3 +455,28 @@ def test_a_cluster_without_the_api_is_reported_with_the_flags_it_needs(
         assert not watch.wait_listed(0)
     finally:
         service.stop()
+
+
+def test_node_ca_name_constraints_deny_names_outside_them(pcr: Harness) -> None:
+    """Node CA mode: a leaf outside the node CA's name constraints would not verify, so the
+    request is denied with the constraint in the message (the agent's own leaf guard)."""
+    from cryptography import x509 as _x509
+
+    from agent.pki.name_constraints import PermittedNames, violations
+
+    permitted = PermittedNames.parse(dns=["svc.cluster.local"], uri_hosts=["cluster.local"])
+
+    def guard(subject: _x509.Name, sans: list[_x509.GeneralName]) -> None:
+        found = violations(permitted.extension(), subject, sans)
+        if found:
+            raise PermissionDenied(f"outside the node CA's name constraints: {', '.join(found)}")
+
+    pcr.leaf_guard = guard
+    dns = ["${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local"]
+    pcr.start({SIGNER: {"dns-names": dns}}, names=(SIGNER, "example.com/pods"))
+    inside = pcr.answered(pcr.request(pcr.pod("web-0")))
+    assert condition(inside)["type"] == "Issued"  # type: ignore[index]
+    outside = pcr.answered(pcr.request(pcr.pod("web-1"), signer="example.com/pods"))
+    cond = condition(outside)
+    assert cond is not None and (cond["type"], cond["reason"]) == ("Denied", "NameConstraints")
+    assert "DNS web-1.apps.pod.cluster.local" in cond["message"]

@@ -4,8 +4,10 @@ plus the optional ClusterTrustBundle publisher. Started by ``server.py`` when co
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from agent.issuers.pcr_signer import PcrSigner, PolicyCheck
@@ -30,11 +32,20 @@ class PcrService:
         registry: CollectorRegistry,
         publish_trust_bundle: bool = False,
         policy: PolicyCheck | None = None,
+        leaf_guard: Callable[[x509.Name, list[x509.GeneralName]], None] | None = None,
     ) -> None:
         self.metrics = PcrMetrics(registry, tuple(s.signer_name for s in signers))
         client = PcrClient(api)
         self.signers = [
-            PcrSigner(s, node=node, api=client, ca=ca, metrics=self.metrics, policy=policy)
+            PcrSigner(
+                s,
+                node=node,
+                api=client,
+                ca=ca,
+                metrics=self.metrics,
+                policy=policy,
+                leaf_guard=leaf_guard,
+            )
             for s in signers
         ]
         self.watches = [

@@ -7,7 +7,8 @@ For each pending request (no Issued/Denied/Failed condition), in this order:
    type this signer allows (else Denied/UnsupportedKeyType, as the API asks);
 3. the pod: one GET; it must exist on this node with the request's UID and service account;
 4. the names from the signer's templates (``spec/pcr.py``) and the issuance policy, if any;
-5. the lifetime: the smallest of ``spec.maxExpirationSeconds``, the signer's maximum, the policy's
+5. in node CA mode, the node CA's name constraints (else Denied/NameConstraints);
+6. the lifetime: the smallest of ``spec.maxExpirationSeconds``, the signer's maximum, the policy's
    cap and what the CA has left; under the API's one-hour minimum it is Failed/CAExpiring.
 Then the local CA signs and the status goes through the ``status`` subresource (kube/pcr_client).
 A transient problem (API unreachable, CA not loaded) leaves the request pending and retries it.
@@ -25,16 +26,14 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import AgentError, PermissionDenied
 from agent.issuers.pcr_keys import PcrFailed, PcrRefused, SubjectKey, subject_key
 from agent.kube.client import backoff_delay
 from agent.kube.pcr_client import describe, is_pending
 from agent.observe.pcr_metrics import PcrMetrics
-from agent.pki.ca import CAProvider, CertificateAuthority, utcnow
-from agent.pki.keys import signing_hash
+from agent.pki.ca import CAProvider, utcnow
+from agent.pki.pcr_leaf import build_leaf, leaf_sans, leaf_subject
 from agent.spec.pcr import (
     DEFAULT_MAX_DURATION_SECONDS,
     MIN_LIFETIME_SECONDS,
@@ -84,6 +83,7 @@ class PcrSigner:
         ca: CAProvider,
         metrics: PcrMetrics | None = None,
         policy: PolicyCheck | None = None,
+        leaf_guard: Callable[[x509.Name, list[x509.GeneralName]], None] | None = None,
         wall_clock: Callable[[], dt.datetime] = utcnow,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -94,6 +94,8 @@ class PcrSigner:
         self._ca = ca
         self._metrics = metrics
         self._policy = policy
+        # Node CA mode: the node CA's name constraints (a leaf outside them would not verify).
+        self._leaf_guard = leaf_guard
         self._wall_clock = wall_clock
         self._clock = clock
         self._rng = rng or random.Random()
@@ -249,7 +251,12 @@ class PcrSigner:
                 f"the signer's CA expires at {ca.not_after.isoformat()}, less than the one hour "
                 "a pod certificate must last; the cluster admin must replace the CA",
             )
-        leaf = _build_leaf(ca, key, names, now, not_after)
+        if self._leaf_guard is not None:
+            try:
+                self._leaf_guard(leaf_subject(names), leaf_sans(names))
+            except PermissionDenied as exc:
+                raise PcrRefused("NameConstraints", exc.message) from exc
+        leaf = build_leaf(ca, key.public_key, names, now, not_after)
         pem = serialization.Encoding.PEM
         chain = b"".join(c.public_bytes(pem) for c in (leaf, *ca.intermediates()))
         span = (not_after - now).total_seconds()
@@ -323,67 +330,6 @@ class PcrSigner:
             timer = self._retries.pop(uid, None)
         if timer is not None:
             timer.cancel()
-
-
-def _build_leaf(
-    ca: CertificateAuthority,
-    key: SubjectKey,
-    names: PcrNames,
-    not_before: dt.datetime,
-    not_after: dt.datetime,
-) -> x509.Certificate:
-    subject = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, names.common_name)] if names.common_name else []
-    )
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in names.uris]
-    sans += [x509.DNSName(d) for d in names.dns_names]
-    is_rsa = isinstance(key.public_key, rsa.RSAPublicKey)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=is_rsa,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key), critical=False)
-        .add_extension(_authority_key_id(ca), critical=False)
-    )
-    if sans:
-        # RFC 5280 4.2.1.6: with an empty subject the SAN extension is critical.
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(sans), critical=not names.common_name
-        )
-    return builder.sign(ca.private_key, signing_hash(ca.private_key))
-
-
-def _authority_key_id(ca: CertificateAuthority) -> x509.AuthorityKeyIdentifier:
-    try:
-        ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.private_key.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _floor(moment: dt.datetime) -> dt.datetime:
