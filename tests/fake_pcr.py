@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from tests.fakekube import _EXTRA_FIELDS, Cause, FakeKube, Resource, invalid
+from tests.fakekube import _EXTRA_FIELDS, ApiError, Cause, FakeKube, Resource, invalid
 
 Obj = dict[str, Any]
 Problem = tuple[str, str, str]  # field, reason, message
@@ -82,6 +82,8 @@ class PcrAdmission:
     def __init__(self) -> None:
         self.version = "1.37.0"
         self.admit_bad_keys = False
+        # Signer names the agent may "sign" for (RBAC on signers); None: all of them.
+        self.may_sign: set[str] | None = None
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
 
     def schema_problems(self, obj: Obj) -> list[Problem]:
@@ -101,6 +103,17 @@ class PcrAdmission:
             raise invalid(res, obj["metadata"].get("name", ""), [Cause(*p) for p in problems])
 
     def on_update(self, res: Resource, old: Obj, new: Obj, status_only: bool) -> None:
+        signer = (old.get("spec") or {}).get("signerName", "")
+        if status_only and self.may_sign is not None and signer not in self.may_sign:
+            # The API server's check on status writes: "sign" on signers/<signerName>.
+            name = new["metadata"].get("name", "")
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'podcertificaterequests.certificates.k8s.io "{name}" is forbidden: user not '
+                f'permitted to sign requests with signerName "{signer}"',
+                {"name": name, "group": GROUP, "kind": PLURAL},
+            )
         problems = self.schema_problems(new) or validate_update(
             old, new, status_only=status_only, now=self.clock()
         )

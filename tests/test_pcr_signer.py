@@ -480,3 +480,20 @@ def test_node_ca_name_constraints_deny_names_outside_them(pcr: Harness) -> None:
     cond = condition(outside)
     assert cond is not None and (cond["type"], cond["reason"]) == ("Denied", "NameConstraints")
     assert "DNS web-1.apps.pod.cluster.local" in cond["message"]
+
+
+def test_without_sign_permission_the_request_waits_until_rbac_is_fixed(
+    pcr: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent")
+    pcr.admission.may_sign = set()
+    pcr.start()
+    request = pcr.request(pcr.pod("web-0"))
+    pcr.fake.wait_until(lambda: pcr.status_writes(request) >= 2)  # refused, and retried
+    assert condition(pcr.fake.get(PCRS, "apps", request["metadata"]["name"])) is None
+    postponed = [r for r in caplog.records if r.getMessage() == "PCR answer postponed"]
+    assert postponed and '"sign" on signers named "cert-agent.io/pod-identity"' in (
+        postponed[0].error  # type: ignore[attr-defined]
+    )
+    pcr.admission.may_sign = {SIGNER}  # the admin applies the component
+    assert condition(pcr.answered(request, timeout=30))["type"] == "Issued"  # type: ignore[index]

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from kubernetes import client as k8s
 
-from agent.errors import Aborted
+from agent.errors import Aborted, PermissionDenied
 from agent.kube.client import NotFound, with_retries
 from agent.kube.raw import request_json
 
@@ -91,6 +91,13 @@ class PcrClient:
                 )
             except NotFound:
                 return None
+            except PermissionDenied as exc:
+                signer = (pcr.get("spec") or {}).get("signerName")
+                raise PermissionDenied(
+                    f"{exc.message}. Writing a PodCertificateRequest's status needs update on "
+                    f'podcertificaterequests/status and "sign" on signers named "{signer}" '
+                    "(apiGroup certificates.k8s.io): deploy/components/pod-certificates"
+                ) from exc
             except Aborted:
                 log.info("conflict writing PCR status, reading it again", extra={"pcr": name})
                 fresh = self.get(namespace, name)
