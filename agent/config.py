@@ -135,6 +135,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("renewal-workers", "renewals that may run at once", 2, "int"),
     Setting("grpc-workers", "gRPC requests that may run at once", 8, "int"),
     Setting("tmpfs-size", "size of the tmpfs that holds volume payloads, in MiB", 64, "int"),
+    Setting(
+        "min-duration",
+        "shortest certificate lifetime a new volume may ask for (lower only for demos and tests)",
+        "1h",
+        "duration",
+    ),
+    Setting(
+        "min-renewal-interval",
+        "a volume never renews more often than this, whatever its attributes or issuer say",
+        "30s",
+        "duration",
+    ),
+    Setting("keygen-workers", "private keys generated at once (publishes and renewals)", 2, "int"),
+    Setting(
+        "tmpfs-reserve",
+        "MiB of the tmpfs kept free for renewals of existing volumes: new volumes are refused "
+        "(RESOURCE_EXHAUSTED) below it",
+        2,
+        "int",
+    ),
     Setting("log-level", "debug, info, warning or error", "info"),
     Setting("log-format", "auto (JSON unless on a terminal), json or text", "auto"),
     Setting(
@@ -213,6 +233,10 @@ class AgentConfig:
     pod_watch: str = "auto"
     pcr_signers: tuple[PcrSignerConfig, ...] = ()
     pcr_publish_trust_bundle: bool = False
+    min_duration_seconds: int = 3600
+    min_renewal_interval_seconds: float = 30.0
+    keygen_workers: int = 2
+    tmpfs_reserve_bytes: int = 2 * 1024 * 1024
 
     @property
     def socket_path(self) -> Path:
@@ -392,7 +416,7 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"--pod-watch {raw['pod-watch']!r} must be auto, on or off")
     if raw["log-format"] not in ("auto", "json", "text"):
         raise ConfigError(f"--log-format {raw['log-format']!r} must be auto, json or text")
-    for flag in ("renewal-workers", "grpc-workers", "tmpfs-size", "kube-burst"):
+    for flag in ("renewal-workers", "grpc-workers", "tmpfs-size", "kube-burst", "keygen-workers"):
         if raw[flag] < 1:
             raise ConfigError(f"--{flag} must be at least 1")
     node_ca = _node_ca(raw, standalone)
@@ -408,6 +432,10 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         raise ConfigError("--pcr-signer-name needs Kubernetes access; drop --standalone")
     if raw["pcr-publish-trust-bundle"] and not pcr_signers:
         raise ConfigError("--pcr-publish-trust-bundle needs at least one --pcr-signer-name")
+    if raw["min-duration"] > raw["max-duration"]:
+        raise ConfigError("--min-duration must not be longer than --max-duration")
+    if not 0 <= raw["tmpfs-reserve"] < raw["tmpfs-size"]:
+        raise ConfigError("--tmpfs-reserve must be at least 0 and less than --tmpfs-size")
     return AgentConfig(
         endpoint=raw["endpoint"],
         node_id=node_id,
@@ -442,6 +470,10 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         pod_watch=pod_watch,
         pcr_signers=pcr_signers,
         pcr_publish_trust_bundle=bool(raw["pcr-publish-trust-bundle"]),
+        min_duration_seconds=int(raw["min-duration"]),
+        min_renewal_interval_seconds=float(raw["min-renewal-interval"]),
+        keygen_workers=raw["keygen-workers"],
+        tmpfs_reserve_bytes=raw["tmpfs-reserve"] * 1024 * 1024,
     )
 
 

@@ -5,6 +5,18 @@ The pure modules raise these without importing grpc; the servicers turn ``code``
 so they say what was wrong and what to do, and never contain key material.
 """
 
+# Request input quoted in a message is cut to this many characters: gRPC status details travel
+# in HTTP/2 headers (clients refuse more than a few KiB) and kubelet events are short.
+MAX_QUOTED_CHARS = 128
+
+
+def shorten(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``value`` as quoted in an error message: whole when short, else its start and its size."""
+    if len(value) <= limit:
+        return value
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return f"{value[:limit]}\u2026({size} bytes)"
+
 
 class AgentError(Exception):
     """Base class: a failure with a gRPC status code name and a user-facing message."""
@@ -79,6 +91,12 @@ class IssuanceFailed(AgentError):
     @property
     def reason(self) -> str:
         return self._reason
+
+
+class ResourceExhausted(AgentError):
+    """The node is out of a resource (volume operation slots, tmpfs space); retry later."""
+
+    code = "RESOURCE_EXHAUSTED"
 
 
 class Internal(AgentError):

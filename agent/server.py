@@ -17,7 +17,9 @@ import grpc
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.csi import csi_pb2_grpc, endpoint
+from agent.csi import endpoint
+from agent.csi.admission import VolumeOperationSlots
+from agent.csi.handlers import add_csi_servicers
 from agent.csi.service import IdentityServicer, NodeServicer
 from agent.errors import AgentError
 from agent.issuers.base import Issuer
@@ -167,10 +169,17 @@ class Agent:
             issue_timeout_seconds=config.issue_timeout_seconds,
             clock=self.clock,
             rng=self._rng,
+            keygen_workers=config.keygen_workers,
+            min_duration_seconds=config.min_duration_seconds,
+            min_renewal_interval_seconds=config.min_renewal_interval_seconds,
         )
         self.manager.local_trust_bundle = self.ca_provider.trust_bundle_pem
         self.scheduler = RenewalScheduler(
-            self.manager.renew, workers=config.renewal_workers, clock=self.clock, rng=self._rng
+            self.manager.renew,
+            workers=config.renewal_workers,
+            clock=self.clock,
+            rng=self._rng,
+            min_interval=config.min_renewal_interval_seconds,
         )
         self.manager.attach_scheduler(self.scheduler)
         self._attach_pod_and_trust_watches(api)
@@ -410,12 +419,19 @@ class Agent:
             endpoint.claim(socket_path)
         except endpoint.EndpointInUse as exc:
             raise StartupError(f"--endpoint {self.config.endpoint}: {exc}") from exc
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.config.grpc_workers))
-        csi_pb2_grpc.add_IdentityServicer_to_server(
-            IdentityServicer(self.config.driver_name, self.metrics, self.ready), server
+        # Volume operations get --grpc-workers threads; a few more stay free for Probe & co.
+        slots = VolumeOperationSlots(self.config.grpc_workers)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=slots.pool_size, thread_name_prefix="cert-agent-grpc"
+            )
         )
-        csi_pb2_grpc.add_NodeServicer_to_server(
-            NodeServicer(self.manager, self.config.node_id, self.metrics), server
+        add_csi_servicers(
+            server,
+            {
+                "Identity": IdentityServicer(self.config.driver_name, self.metrics, self.ready),
+                "Node": NodeServicer(self.manager, self.config.node_id, self.metrics, slots),
+            },
         )
         if server.add_insecure_port(f"unix://{socket_path}") == 0:
             raise StartupError(f"cannot listen on --endpoint {self.config.endpoint}")

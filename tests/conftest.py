@@ -73,6 +73,10 @@ def make_config(tmp: Path, **overrides: object) -> AgentConfig:
         "tmpfs_size_bytes": 16 * 1024 * 1024,
         "log_level": "info",
         "log_format": "json",
+        # Tests watch certificates that live for seconds: the test-only floors (production:
+        # --min-duration 1h, --min-renewal-interval 30s; tests of those pass them explicitly).
+        "min_duration_seconds": 1,
+        "min_renewal_interval_seconds": 0.5,
     }
     values.update(overrides)
     return AgentConfig(**values)  # type: ignore[arg-type]
@@ -215,6 +219,11 @@ class AgentProcess:
             f"127.0.0.1:{self.metrics_port}",
             "--log-format",
             "json",
+            # Certificates that live for seconds (see make_config).
+            "--min-duration",
+            "1s",
+            "--min-renewal-interval",
+            "500ms",
             *extra,
         ]
         self.process: subprocess.Popen[bytes] | None = None

@@ -26,6 +26,7 @@ from agent.spec.attributes import (
     parse_go_duration,
     parse_volume_context,
 )
+from agent.spec.templating import expand_entries, rfc4514_escape
 from agent.spec.model import (
     DEFAULT_DURATION_SECONDS,
     CertificateSpec,
@@ -801,3 +802,85 @@ def test_every_accepted_spec_encodes(extra: dict[str, str]) -> None:
     name.public_bytes()
     x509.SubjectAlternativeName(build_general_names(spec)).public_bytes()
     usages_to_extensions(spec.key_usages, is_ca=spec.is_ca)
+
+
+# --- pod info is checked before it is expanded (issue 8: template injection) ---------------------
+
+
+@pytest.mark.parametrize(
+    ("suffix", "value"),
+    [
+        ("pod.name", "a,evil.attacker.com"),
+        ("pod.name", "x,O=Evil Corp"),
+        ("pod.name", "Es-0"),
+        ("pod.name", "a" * 254),
+        ("pod.name", "es-0 "),
+        ("pod.namespace", "elastic.evil"),
+        ("pod.namespace", "a" * 64),
+        ("pod.uid", "not-a-uuid"),
+        ("pod.uid", "0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11,x"),
+        ("serviceAccount.name", "sa,evil.attacker.com"),
+    ],
+)
+def test_pod_info_that_breaks_the_kubernetes_name_rules_is_refused_naming_the_key(
+    suffix: str, value: str
+) -> None:
+    key = POD_INFO_PREFIX + suffix
+    err = invalid(
+        {CM + "dns-names": "${POD_NAME}.svc", CM + "organizations": "${POD_NAME}"},
+        pod={**POD_CONTEXT, key: value},
+    )
+    assert err.attribute == key
+    assert err.message.startswith(f"{key} is ")
+    rule = {"pod.namespace": "DNS-1123 label", "pod.uid": "UUID"}.get(suffix, "DNS-1123 subdomain")
+    assert rule in err.message
+
+
+def test_pod_info_at_the_limits_of_the_name_rules_is_accepted() -> None:
+    name = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters
+    pod = {
+        **POD_CONTEXT,
+        POD_INFO_PREFIX + "pod.name": name,
+        POD_INFO_PREFIX + "pod.namespace": "n" * 63,
+        POD_INFO_PREFIX + "pod.uid": "0C5E5E0E-3B1F-4C55-9C6A-1F2F0B7C9D11",
+    }
+    spec, info = parse_volume_context({**pod, CM + "common-name": "app"})
+    assert info.name == name and len(name) == 253
+
+
+EVIL = PodInfo(
+    name="a,evil.attacker.com",
+    namespace="x,O=Evil Corp",
+    uid="0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11",
+    service_account="sa",
+)
+
+
+def test_lists_are_split_before_they_are_expanded() -> None:
+    # Even a pod value that got past the name rules stays inside its own entry.
+    assert expand_entries("${POD_NAME}.svc, b.example.com", EVIL, CM + "dns-names") == (
+        "a,evil.attacker.com.svc",
+        "b.example.com",
+    )
+    assert expand_entries("${POD_NAMESPACE}", EVIL, CM + "organizations") == ("x,O=Evil Corp",)
+
+
+def test_a_literal_subject_cannot_gain_attributes_through_a_template() -> None:
+    text = expand_template(
+        "CN=${POD_NAME},OU=${POD_NAMESPACE}", EVIL, CM + "literal-subject", rfc4514_escape
+    )
+    name = x509.Name.from_rfc4514_string(text)
+    assert [(a.oid, a.value) for a in name] == [
+        (x509.NameOID.ORGANIZATIONAL_UNIT_NAME, "x,O=Evil Corp"),
+        (x509.NameOID.COMMON_NAME, "a,evil.attacker.com"),
+    ]
+    for special in ("#lead", "trail ", 'q"uo+te;<>\\'):
+        escaped = rfc4514_escape(special)
+        assert x509.Name.from_rfc4514_string(f"CN={escaped}").rfc4514_string() == (
+            x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, special)]).rfc4514_string()
+        )
+
+
+def test_templated_literal_subject_keeps_its_structure_end_to_end() -> None:
+    spec = parse({CM + "literal-subject": "CN=${POD_NAME},O=Example"})
+    assert spec.subject.literal_subject == "CN=es-transport-0,O=Example"

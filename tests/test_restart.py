@@ -150,7 +150,7 @@ def test_a_first_issue_that_never_finished_is_finished_on_start(
     target = tmp_path / "pods" / "es-0" / "mount"
     target.parent.mkdir(parents=True)
     volume_id = kubelet_volume_id(str(target.parent), target.name)
-    pod = PodIdentity("es-0", "elastic", "uid-1", "default")
+    pod = PodIdentity("es-0", "elastic", "0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11", "default")
     context = pod_volume_context(pod, {"csi.cert-agent.io/dns-names": "es-0.example.com"})
     VolumeStore(tmp_path / "data").save(
         VolumeMeta(

@@ -16,6 +16,7 @@ from agent.volumes.scheduler import (
     SPREAD_FRACTION,
     RenewalScheduler,
     backoff_delay,
+    plan_renewal,
     renewal_due,
 )
 
@@ -72,7 +73,9 @@ def test_renewal_due_is_in_the_renew_window_never_before_not_before(
     renew_before = None if renew_fraction is None else int(lifetime * renew_fraction)
     due = renewal_due(not_before, not_after, renew_before, random.Random(seed))
 
-    effective = lifetime / 3 if renew_before is None else renew_before
+    # renew-before not shorter than the lifetime gives way to the default (2/3 of the lifetime).
+    fits = renew_before is not None and renew_before < lifetime
+    effective = renew_before if fits else lifetime / 3
     latest = not_after - effective
     spread = min(lifetime * SPREAD_FRACTION, MAX_SPREAD_SECONDS)
     assert not_before <= due <= not_after
@@ -481,3 +484,98 @@ def test_renew_that_schedules_itself_also_resets_the_backoff(
     scheduler.schedule("v", clock())
     assert done.wait(WAIT)
     assert retries == [1, 2, 1]
+
+
+# ------------------------------------------------------------------- renew-before and the floor
+
+
+@pytest.mark.parametrize("renew_before", [60, 120, 10_000])
+def test_renew_before_not_shorter_than_the_granted_lifetime_renews_at_two_thirds(
+    renew_before: int,
+) -> None:
+    # --max-duration 1m granted 60 s although renew-before asks for 60 s or more: on main the
+    # due time was notBefore itself, so the volume renewed again at once, in a loop.
+    plan = plan_renewal(1000.0, 1060.0, renew_before, random.Random(1))
+    assert plan.renew_before_ignored
+    assert 1040.0 - 60 * SPREAD_FRACTION <= plan.due <= 1040.0
+
+
+def test_renew_before_that_fits_is_used_and_not_reported() -> None:
+    plan = plan_renewal(0.0, 3600.0, 600, random.Random(1))
+    assert not plan.renew_before_ignored
+    assert 3000.0 - 180 <= plan.due <= 3000.0
+
+
+@settings(deadline=None)
+@given(
+    not_before=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    lifetime=st.floats(min_value=0, max_value=100.0, allow_nan=False),
+    renew_before=st.one_of(st.none(), st.integers(min_value=0, max_value=1000)),
+    late=st.floats(min_value=0, max_value=1000.0, allow_nan=False),
+    floor=st.floats(min_value=0, max_value=60.0, allow_nan=False),
+)
+def test_planned_renewal_is_never_sooner_than_the_floor_after_now(
+    not_before: float, lifetime: float, renew_before: int | None, late: float, floor: float
+) -> None:
+    # Whatever the certificate (even one that expired before it was stored), never a loop.
+    now = not_before + late
+    plan = plan_renewal(
+        not_before, not_before + lifetime, renew_before, random.Random(0), now=now, min_interval=floor
+    )
+    assert plan.due >= now + floor
+
+
+def test_scheduler_never_starts_a_volume_again_within_the_minimum_interval(
+    schedulers: list[RenewalScheduler],
+) -> None:
+    # renew() asks to run again at once (what a 1 s certificate did on main: 625 renewals in
+    # 10 s). With a 30 s floor the next start waits for the clock to reach start + 30 s.
+    clock = FakeClock()
+    starts: list[float] = []
+
+    def renew(volume_id: str) -> float | None:
+        starts.append(clock())
+        return clock()  # "due now"
+
+    scheduler = RenewalScheduler(renew, clock=clock, min_interval=30.0)
+    schedulers.append(scheduler)
+    scheduler.start()
+    begin = clock()
+    scheduler.schedule("v", begin)
+    wait_until(lambda: scheduler.due_time("v") == begin + 30.0)
+    assert starts == [begin]
+    clock.advance(29.0)
+    scheduler.wake()
+    scheduler.schedule("v", clock())  # an explicit "now" (a CA rotation) waits for the floor too
+    wait_until(lambda: scheduler.due_time("v") == begin + 30.0)
+    assert starts == [begin]
+    clock.advance(1.0)
+    scheduler.wake()
+    wait_until(lambda: len(starts) == 2)
+    assert starts == [begin, begin + 30.0]
+    wait_until(lambda: scheduler.due_time("v") == begin + 60.0)
+
+
+def test_failed_renewals_retry_no_sooner_than_the_minimum_interval(
+    schedulers: list[RenewalScheduler],
+) -> None:
+    clock = FakeClock()
+    starts: list[float] = []
+
+    def renew(volume_id: str) -> float | None:
+        starts.append(clock())
+        raise RuntimeError("issuer down")
+
+    scheduler = RenewalScheduler(renew, clock=clock, min_interval=30.0, rng=random.Random(0))
+    schedulers.append(scheduler)
+    scheduler.start()
+    begin = clock()
+    scheduler.schedule("v", begin)
+    # The first backoff is 1-2 s; the floor moves it to begin + 30 when it comes due.
+    wait_until(lambda: len(starts) == 1 and scheduler.due_time("v") is not None)
+    backoff_due = scheduler.due_time("v")
+    assert backoff_due is not None and backoff_due < begin + 30.0
+    clock.advance(backoff_due - begin)
+    scheduler.wake()
+    wait_until(lambda: scheduler.due_time("v") == begin + 30.0)
+    assert starts == [begin]

@@ -18,7 +18,9 @@ from google.protobuf import wrappers_pb2
 
 from agent import __version__
 from agent.csi import csi_pb2, csi_pb2_grpc
-from agent.errors import AgentError, FailedPrecondition, InvalidArgument
+from agent.csi.admission import VolumeOperationSlots
+from agent.csi.handlers import UndecodableRequest
+from agent.errors import AgentError, FailedPrecondition, InvalidArgument, shorten
 from agent.observe.metrics import AgentMetrics
 from agent.volumes.manager import PublishRequest, VolumeManager
 
@@ -28,6 +30,10 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.ServicerContext], Response]
 
+# Longest status message sent back: a safety net behind the shortened quotes in each message,
+# because gRPC clients refuse status details bigger than their metadata limit.
+MAX_MESSAGE_CHARS = 1024
+
 SINGLE_NODE_MODES = {
     csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER,
     csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY,
@@ -36,8 +42,15 @@ SINGLE_NODE_MODES = {
 }
 
 
-def rpc(method: str) -> Callable[[Handler[Request, Response]], Handler[Request, Response]]:
-    """Time the call, count it by code, and map AgentError to its gRPC status."""
+def rpc(
+    method: str, *, volume_operation: bool = False
+) -> Callable[[Handler[Request, Response]], Handler[Request, Response]]:
+    """Time the call, count it by code, and map AgentError to its gRPC status.
+
+    A request protobuf could not decode arrives as ``UndecodableRequest`` (see csi/handlers) and
+    is answered INVALID_ARGUMENT. A ``volume_operation`` takes one of the servicer's
+    ``slots`` (csi/admission) for its duration, or is refused when none is free.
+    """
 
     def decorate(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         @functools.wraps(handler)
@@ -49,15 +62,23 @@ def rpc(method: str) -> Callable[[Handler[Request, Response]], Handler[Request, 
                 method,
                 extra={
                     "method": method,
-                    "volume_id": getattr(request, "volume_id", None),
-                    "target_path": getattr(request, "target_path", None),
+                    "volume_id": _shown_field(request, "volume_id"),
+                    "target_path": _shown_field(request, "target_path"),
                 },
             )
             try:
+                if isinstance(request, UndecodableRequest):
+                    raise InvalidArgument(
+                        f"the request ({request.size} bytes) is not a valid "
+                        f"{request.message_type}: {request.error}; string fields must be UTF-8"
+                    )
+                if volume_operation:
+                    with self.slots.hold(method):
+                        return handler(self, request, context)
                 return handler(self, request, context)
             except AgentError as exc:
                 code = exc.code
-                context.abort(grpc.StatusCode[exc.code], exc.message)
+                context.abort(grpc.StatusCode[exc.code], shorten(exc.message, MAX_MESSAGE_CHARS))
             except Exception:
                 code = "INTERNAL"
                 log.exception("%s failed unexpectedly", method)
@@ -75,6 +96,11 @@ def rpc(method: str) -> Callable[[Handler[Request, Response]], Handler[Request, 
         return wrapper
 
     return decorate
+
+
+def _shown_field(request: object, name: str) -> str | None:
+    value = getattr(request, name, None)
+    return shorten(value) if isinstance(value, str) else None
 
 
 class IdentityServicer(csi_pb2_grpc.IdentityServicer):
@@ -109,19 +135,26 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):
-    def __init__(self, manager: VolumeManager, node_id: str, metrics: AgentMetrics) -> None:
+    def __init__(
+        self,
+        manager: VolumeManager,
+        node_id: str,
+        metrics: AgentMetrics,
+        slots: VolumeOperationSlots | None = None,
+    ) -> None:
         self.manager = manager
         self.node_id = node_id
         self.metrics = metrics
+        self.slots = slots if slots is not None else VolumeOperationSlots(8)
 
-    @rpc("NodePublishVolume")
+    @rpc("NodePublishVolume", volume_operation=True)
     def NodePublishVolume(
         self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodePublishVolumeResponse:
         self.manager.publish(publish_request_from_proto(request))
         return csi_pb2.NodePublishVolumeResponse()
 
-    @rpc("NodeUnpublishVolume")
+    @rpc("NodeUnpublishVolume", volume_operation=True)
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:

@@ -133,6 +133,13 @@ class AgentMetrics:
             buckets=GRPC_BUCKETS,
             registry=r,
         )
+        self.renew_before_ignored = Counter(
+            "cert_agent_renew_before_ignored",
+            "Volumes whose renew-before was not shorter than the lifetime the issuer granted, "
+            "so they renew at 2/3 of the lifetime instead (counted once per volume and run).",
+            ["issuer"],
+            registry=r,
+        )
         self.ca_expiry = Gauge(
             "cert_agent_ca_expiry_timestamp_seconds",
             "notAfter of the local CA certificate (Unix time).",
@@ -196,6 +203,7 @@ class AgentMetrics:
             if issuer in self._issuers_seen:
                 return
             self._issuers_seen.add(issuer)
+        self.renew_before_ignored.labels(issuer)
         for operation in OPERATIONS:
             self.issue_attempts.labels(issuer, operation)
             self.issue_duration.labels(issuer, operation)
@@ -258,6 +266,10 @@ class AgentMetrics:
         self.issue_duration.labels(issuer, operation).observe(seconds)
 
     # -------------------------------------------------------------------------- gRPC and CA
+
+    def note_renew_before_ignored(self, issuer: str) -> None:
+        self._init_issuer(issuer)
+        self.renew_before_ignored.labels(issuer).inc()
 
     def observe_grpc(self, method: str, code: str, seconds: float) -> None:
         self.grpc_requests.labels(method, code).inc()

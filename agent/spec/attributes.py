@@ -38,7 +38,14 @@ from agent.spec.model import (
     SubjectSpec,
     TrustBundleRef,
 )
-from agent.spec.templating import KNOWN_VARIABLES, POD_IP_VARIABLES, expand_template, quote
+from agent.spec.templating import (
+    KNOWN_VARIABLES,
+    POD_IP_VARIABLES,
+    expand_entries,
+    expand_template,
+    quote,
+    rfc4514_escape,
+)
 from agent.spec.trust import TRUST_ATTRIBUTES, parse_trust_bundle
 
 __all__ = [
@@ -147,8 +154,15 @@ _IDENTITY_ATTRIBUTES = (
 )
 _SECRET_ATTRIBUTES = frozenset({"pkcs12-password"})
 _POD_KEYS = {"pod.name": "name", "pod.namespace": "namespace", "pod.uid": "uid"}
+# Templated attributes that hold comma-separated lists: split before expanding, so a value that
+# comes from the pod (even one that got past the name rules) can never add an entry.
+_LIST_ATTRIBUTES = frozenset({"dns-names", "uri-sans", "email-sans", "other-names"}) | frozenset(
+    {"organizations", "organizationalunits", "countries", "provinces", "localities"}
+    | {"streetaddresses", "postalcodes"}
+)
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _K8S_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _K8S_NAME_PART_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _KIND_RE = re.compile(r"[A-Za-z0-9]+")
@@ -175,6 +189,8 @@ class _Attr:
     key: str
     raw: str
     value: str
+    # A list attribute's entries, each expanded on its own (see _LIST_ATTRIBUTES).
+    entries: tuple[str, ...] | None = None
 
     def fail(self, detail: str) -> NoReturn:
         origin = ""
@@ -189,7 +205,10 @@ def _has_control(text: str) -> bool:
 
 def _split_list(attr: _Attr) -> list[str]:
     """Comma-separated entries, trimmed; an empty entry is a mistake, not something to skip."""
-    entries = [entry.strip() for entry in attr.value.split(",")]
+    if attr.entries is not None:
+        entries = list(attr.entries)
+    else:
+        entries = [entry.strip() for entry in attr.value.split(",")]
     if any(not entry for entry in entries):
         attr.fail(f"empty entry in {quote(attr.value)}; remove the extra comma")
     return entries
@@ -322,17 +341,23 @@ class _Parser:
                 )
 
     def pod_info(self) -> PodInfo:
+        """The pod's identity, each value checked against the Kubernetes name rules first.
+
+        kubelet fills these in, but anything that can reach the socket can send them, and they
+        end up in certificates through templates: a "name" such as ``a,evil.example.com`` must
+        be refused, not expanded.
+        """
         fields: dict[str, str] = {}
         for suffix, field_name in _POD_KEYS.items():
             key = POD_INFO_PREFIX + suffix
-            value = self.context.get(key, "").strip()
-            if not value:
+            value = self.context.get(key, "")
+            if not value.strip():
                 raise InvalidArgument(
                     f"{key} is missing from the volume context; the CSIDriver object must set "
                     "podInfoOnMount: true so kubelet sends the pod's identity",
                     key,
                 )
-            fields[field_name] = value
+            fields[field_name] = _check_pod_value(key, value)
         ephemeral_key = POD_INFO_PREFIX + "ephemeral"
         ephemeral = self.context.get(ephemeral_key)
         if ephemeral is not None and ephemeral.strip().lower() != "true":
@@ -341,7 +366,12 @@ class _Parser:
                 "supported; declare the volume inline in the pod spec (csi: driver: ...)",
                 ephemeral_key,
             )
-        account = self.context.get(POD_INFO_PREFIX + "serviceAccount.name", "").strip()
+        account_key = POD_INFO_PREFIX + "serviceAccount.name"
+        account = self.context.get(account_key, "")
+        if account.strip():
+            account = _check_pod_value(account_key, account)
+        else:
+            account = ""
         return PodInfo(service_account=account, **fields)
 
     # -- step 2: sort keys into ours, foreign annotations and mistakes
@@ -422,9 +452,22 @@ class _Parser:
     # -- step 3: templating
 
     def expand(self, pod: PodInfo) -> None:
+        """Expand templates; list attributes are split first and each entry expanded alone."""
         for name in TEMPLATED_ATTRIBUTES & set(self.attrs):
             attr = self.attrs[name]
-            expanded = self.attempt(None, expand_template, attr.raw, pod, attr.key, self.node_name)
+            if name in _LIST_ATTRIBUTES:
+                entries = self.attempt(
+                    None, expand_entries, attr.raw, pod, attr.key, self.node_name
+                )
+                if entries is None:
+                    del self.attrs[name]
+                else:
+                    self.attrs[name] = _Attr(name, attr.key, attr.raw, ",".join(entries), entries)
+                continue
+            escape = rfc4514_escape if name == "literal-subject" else None
+            expanded = self.attempt(
+                None, expand_template, attr.raw, pod, attr.key, self.node_name, escape
+            )
             if expanded is None:
                 del self.attrs[name]
             else:
@@ -822,6 +865,28 @@ class _Parser:
             pod_ip_sans=self.pod_ip_sans,
             trust_bundle=trust_bundle,
         )
+
+
+def _check_pod_value(key: str, value: str) -> str:
+    """A pod-info value as Kubernetes allows it, or InvalidArgument naming the key and rule."""
+    if key.endswith("pod.uid"):
+        ok, rule = bool(_UUID_RE.fullmatch(value)), "a UUID such as 0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11"
+    elif key.endswith("pod.namespace"):
+        ok = len(value) <= 63 and bool(_LABEL_RE.fullmatch(value))
+        rule = "a DNS-1123 label: at most 63 of a-z, 0-9 and '-', starting and ending alphanumeric"
+    else:
+        ok = len(value) <= 253 and bool(_K8S_SUBDOMAIN_RE.fullmatch(value))
+        rule = (
+            "a DNS-1123 subdomain: at most 253 of a-z, 0-9, '-' and '.', starting and ending "
+            "alphanumeric"
+        )
+    if not ok:
+        raise InvalidArgument(
+            f"{key} is {quote(value)}, which is not a valid Kubernetes value: it must be {rule}; "
+            "the volume context did not come from kubelet",
+            key,
+        )
+    return value
 
 
 def _check_text(attr: _Attr, text: str, limit: int) -> str:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Callable
 
-from agent.errors import InvalidArgument
+from agent.errors import InvalidArgument, shorten
 from agent.spec.model import PodInfo
 
 # Variable name -> where its value comes from (for the "not available" message).
@@ -28,12 +29,10 @@ KNOWN_VARIABLES: dict[str, str] = {
 # filled in from the pod watch (agent.spec.model.CertificateSpec.with_pod_ips).
 POD_IP_VARIABLES = frozenset({"POD_IP", "POD_IPS"})
 
-_MAX_SHOWN = 200  # kubelet events are short; never echo a 4 KiB value back in full
-
-
 def quote(value: str) -> str:
-    """A value as it is shown in messages: quoted, control characters escaped, truncated."""
-    shown = value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+    """A value as it is shown in messages: quoted, control characters escaped, shortened
+    (kubelet events are short; never echo a 4 KiB value back in full)."""
+    shown = shorten(value)
     # Lone surrogates (not valid UTF-8) are escaped so the message can go over gRPC.
     return json.dumps(shown, ensure_ascii=False).encode("utf-8", "backslashreplace").decode()
 
@@ -94,12 +93,44 @@ def _substitute(name: str, value: str, pod: PodInfo, attribute: str, node_name: 
     return result
 
 
-def expand_template(value: str, pod: PodInfo, attribute: str, node_name: str = "") -> str:
-    """Replace ``${VAR}`` and ``$VAR`` with the pod's values.
+def _unchanged(text: str) -> str:
+    return text
+
+
+def rfc4514_escape(value: str) -> str:
+    """Escape a value for an RFC 4514 distinguished name, so it stays one attribute value."""
+    # Every special character is escaped wherever it is: a backslash pair is valid anywhere,
+    # and the expanded text may sit at the start or end of the attribute value.
+    return "".join(
+        "\\00" if ch == "\x00" else "\\" + ch if ch in '\\",+;<>=# ' else ch for ch in value
+    )
+
+
+def expand_entries(
+    value: str, pod: PodInfo, attribute: str, node_name: str = ""
+) -> tuple[str, ...]:
+    """Split a comma-separated list, then expand each entry (trimmed) on its own.
+
+    Splitting first means a pod value can never add an entry, whatever characters it holds.
+    """
+    return tuple(
+        expand_template(entry.strip(), pod, attribute, node_name) for entry in value.split(",")
+    )
+
+
+def expand_template(
+    value: str,
+    pod: PodInfo,
+    attribute: str,
+    node_name: str = "",
+    escape: Callable[[str], str] | None = None,
+) -> str:
+    """Replace ``${VAR}`` and ``$VAR`` with the pod's values (passed through ``escape``).
 
     ``attribute`` is the full key as the user wrote it; every error names it. Unknown variables,
     ``${}`` and an unterminated ``${`` raise InvalidArgument.
     """
+    escaped = escape if escape is not None else _unchanged
     out: list[str] = []
     i = 0
     n = len(value)
@@ -125,13 +156,13 @@ def expand_template(value: str, pod: PodInfo, attribute: str, node_name: str = "
                     f"known variables: {_known_list()}",
                     attribute,
                 )
-            out.append(_substitute(name, value, pod, attribute, node_name))
+            out.append(escaped(_substitute(name, value, pod, attribute, node_name)))
             i = end + 1
         elif _is_name_start(nxt):
             end = i + 1
             while end < n and _is_name_char(value[end]):
                 end += 1
-            out.append(_substitute(value[i + 1 : end], value, pod, attribute, node_name))
+            out.append(escaped(_substitute(value[i + 1 : end], value, pod, attribute, node_name)))
             i = end
         else:
             out.append(ch)

@@ -45,12 +45,12 @@ from agent.pki.keys import (
     load_private_key,
 )
 from agent.pki.pkcs12 import build_keystore
-from agent.spec.attributes import parse_volume_context
+from agent.spec.attributes import COMPAT_PREFIX, OWN_PREFIX, parse_volume_context
 from agent.spec.model import CertificateSpec, KeyEncoding, PodInfo
-from agent.volumes.locks import KeyedLocks
+from agent.volumes.locks import ConcurrencyLimit, KeyedLocks
 from agent.volumes.mounter import Mounter
 from agent.volumes.pod_ips import PodIPTracker
-from agent.volumes.scheduler import renewal_due
+from agent.volumes.scheduler import plan_renewal
 from agent.volumes.store import (
     VolumeMeta,
     VolumeState,
@@ -127,6 +127,9 @@ class VolumeManager:
         lock_timeout_seconds: float = 0.5,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        keygen_workers: int = 2,
+        min_duration_seconds: int = 0,
+        min_renewal_interval_seconds: float = 0.0,
     ) -> None:
         self.store = store
         self.mounter = mounter
@@ -150,6 +153,12 @@ class VolumeManager:
         self.pod_ips.reissue = lambda volume_id: self.scheduler.schedule(volume_id, 0.0)
         self.trust = TrustBundles(metrics)
         self.trust.rewrite = self._rewrite_trust_ca
+
+        self.keygen = ConcurrencyLimit(keygen_workers)
+        self.min_duration_seconds = min_duration_seconds
+        self.min_renewal_interval_seconds = min_renewal_interval_seconds
+        # Volumes whose renew-before did not fit the granted lifetime, already reported once.
+        self._renew_before_reported: set[str] = set()
 
     def _parse(self, context: Mapping[str, str]) -> tuple[CertificateSpec, PodInfo]:
         return parse_volume_context(context, self.node_id)
@@ -182,6 +191,7 @@ class VolumeManager:
                         self._ensure_mounted(meta)
                     return
             else:
+                self._check_min_duration(spec, context)
                 now = self.clock()
                 meta = VolumeMeta(
                     volume_id=request.volume_id,
@@ -251,6 +261,22 @@ class VolumeManager:
         self.pod_ips.forget(meta.volume_id)
         self.metrics.set_managed_volumes(self.store.count())
 
+    def _check_min_duration(self, spec: CertificateSpec, context: Mapping[str, str]) -> None:
+        """New volumes only: one published before the minimum was raised keeps renewing."""
+        requested = spec.duration_seconds
+        if requested is None or requested >= self.min_duration_seconds:
+            return
+        key = next(
+            (p + "duration" for p in (OWN_PREFIX, COMPAT_PREFIX) if p + "duration" in context),
+            OWN_PREFIX + "duration",
+        )
+        raise InvalidArgument(
+            f"{key}: {format_seconds(requested)} is shorter than this agent's minimum "
+            f"certificate lifetime of {format_seconds(self.min_duration_seconds)} "
+            "(--min-duration); ask for a longer duration",
+            key,
+        )
+
     def _check_same_arguments(
         self, meta: VolumeMeta, request: PublishRequest, context: Mapping[str, str]
     ) -> None:
@@ -289,6 +315,7 @@ class VolumeManager:
             self._clear_target(target, direct=meta is not None and meta.mode == "direct")
             self.store.remove(volume_id)
             self._tokens.pop(volume_id, None)
+            self._renew_before_reported.discard(volume_id)
             self.issuers.forget(volume_id)
             self.trust.release(volume_id)
             self.pod_ips.forget(volume_id)
@@ -458,7 +485,8 @@ class VolumeManager:
                 if key_matches_spec(key, spec.key):
                     return key
         attempt.step = None
-        key = generate_private_key(spec.key)
+        with self.keygen.hold():
+            key = generate_private_key(spec.key)
         attempt.step = STORAGE
         self.store.save_pending_key(meta.volume_id, encode_private_key(key, spec.key.encoding))
         attempt.step = None
@@ -554,7 +582,18 @@ class VolumeManager:
         meta.serial = issued.serial_hex
         meta.not_before = not_before
         meta.not_after = not_after
-        meta.next_renewal = renewal_due(not_before, not_after, spec.renew_before_seconds, self.rng)
+        # From the certificate as issued: the issuer may have granted less than was asked for.
+        plan = plan_renewal(
+            not_before,
+            not_after,
+            spec.renew_before_seconds,
+            self.rng,
+            now=self.clock(),
+            min_interval=self.min_renewal_interval_seconds,
+        )
+        if plan.renew_before_ignored:
+            self._report_renew_before_ignored(meta, spec, pod, not_after - not_before)
+        meta.next_renewal = plan.due
         meta.pending_request = None
         meta.issuer = spec.issuer.describe()
         meta.updated_at = self.clock()
@@ -569,6 +608,25 @@ class VolumeManager:
         self.pod_ips.committed(meta.volume_id, spec, pod, pod_ips)
         if self.on_commit is not None:
             self.on_commit()
+
+    def _report_renew_before_ignored(
+        self, meta: VolumeMeta, spec: CertificateSpec, pod: PodInfo, lifetime: float
+    ) -> None:
+        """Say once per volume (per agent run) that renew-before gave way to the lifetime."""
+        if meta.volume_id in self._renew_before_reported:
+            return
+        self._renew_before_reported.add(meta.volume_id)
+        self.metrics.note_renew_before_ignored(meta.issuer)
+        log.warning(
+            "renew-before is not shorter than the certificate's lifetime: renewing at 2/3 of "
+            "the lifetime instead",
+            extra={
+                **_log_fields(meta, pod),
+                "renew_before_seconds": spec.renew_before_seconds,
+                "lifetime_seconds": round(lifetime),
+                "issuer": meta.issuer,
+            },
+        )
 
     def _publish_metrics(self, meta: VolumeMeta, pod: PodInfo) -> None:
         if meta.not_after is None or meta.next_renewal is None:
@@ -715,6 +773,15 @@ def _validate_target_path(target_path: str, data_root: Path) -> Path:
             f"target_path {target_path!r} overlaps the agent's data root {data_root}"
         )
     return target
+
+
+def format_seconds(seconds: float) -> str:
+    """Go-style, as attributes are written: ``1h``, ``90s``, ``1h30m``."""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v]
+    return "".join(parts) or "0s"
 
 
 def _pick_token(tokens_json: str | None) -> str | None:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +26,54 @@ SPREAD_FRACTION = 0.05
 MAX_SPREAD_SECONDS = 3600.0
 
 
-def renewal_due(
-    not_before: float, not_after: float, renew_before_seconds: int | None, rng: random.Random
-) -> float:
-    """When a certificate valid from ``not_before`` to ``not_after`` (epoch seconds) should renew.
+@dataclass(frozen=True)
+class RenewalPlan:
+    """When to renew, and whether renew-before had to give way to the granted lifetime."""
+
+    due: float
+    # renew-before was not shorter than the lifetime the issuer granted (capped by the issuer's
+    # maximum or by its CA's own notAfter): the certificate renews at 2/3 of its lifetime instead.
+    renew_before_ignored: bool
+
+
+def plan_renewal(
+    not_before: float,
+    not_after: float,
+    renew_before_seconds: int | None,
+    rng: random.Random,
+    *,
+    now: float | None = None,
+    min_interval: float = 0.0,
+) -> RenewalPlan:
+    """When a certificate valid from ``not_before`` to ``not_after`` (epoch seconds, as issued)
+    should renew.
 
     ``not_after - renew_before`` (default: a third of the lifetime), moved earlier by a random
-    spread of up to 5 % of the lifetime (at most an hour), and never before ``not_before``.
+    spread of up to 5 % of the lifetime (at most an hour), and never before ``not_before``. When
+    renew-before is not shorter than the lifetime, a third of the lifetime is used instead (so a
+    certificate never renews the moment it is issued). With ``now``, never before
+    ``now + min_interval``: whatever the certificate says, a volume does not renew in a loop.
     """
     if renew_before_seconds is not None and renew_before_seconds < 0:
         raise ValueError(f"renew-before must not be negative, got {renew_before_seconds}")
     lifetime = max(0.0, not_after - not_before)
-    renew_before = lifetime / 3 if renew_before_seconds is None else float(renew_before_seconds)
+    ignored = renew_before_seconds is not None and renew_before_seconds >= lifetime
+    if renew_before_seconds is None or ignored:
+        renew_before = lifetime / 3
+    else:
+        renew_before = float(renew_before_seconds)
     spread = rng.uniform(0.0, min(lifetime * SPREAD_FRACTION, MAX_SPREAD_SECONDS))
-    return max(not_before, not_after - renew_before - spread)
+    due = max(not_before, not_after - renew_before - spread)
+    if now is not None:
+        due = max(due, now + min_interval)
+    return RenewalPlan(due=due, renew_before_ignored=ignored)
+
+
+def renewal_due(
+    not_before: float, not_after: float, renew_before_seconds: int | None, rng: random.Random
+) -> float:
+    """``plan_renewal(...).due`` without a floor (see there)."""
+    return plan_renewal(not_before, not_after, renew_before_seconds, rng).due
 
 
 def backoff_delay(attempt: int, rng: random.Random, base: float = 2.0, cap: float = 300.0) -> float:
@@ -60,7 +95,9 @@ class RenewalScheduler:
     ``renew(volume_id)`` returns the next due time (scheduled), ``None`` (the volume is forgotten)
     or raises (retried after ``backoff_delay(attempt)``; the count resets after a success). A call
     to ``schedule`` or ``cancel`` for a volume while its renewal runs wins over that run's result.
-    A volume is never renewed twice at the same time.
+    A volume is never renewed twice at the same time, and never started again less than
+    ``min_interval`` seconds after its previous start (a later due time wins; this is the hard
+    floor behind every due time, retries and CA-rotation reissues included).
     """
 
     # Longest single sleep: the condition's timeout runs on the monotonic clock while due times
@@ -75,9 +112,14 @@ class RenewalScheduler:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_retry: Callable[[str, int, float], None] | None = None,
+        min_interval: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError(f"renewal workers must be at least 1, got {workers}")
+        if min_interval < 0:
+            raise ValueError(f"the minimum renewal interval must not be negative: {min_interval}")
+        self._min_interval = min_interval
+        self._last_start: dict[str, float] = {}  # volume -> clock time its last run started
         self._renew = renew
         self._workers = workers
         self._clock = clock
@@ -108,6 +150,7 @@ class RenewalScheduler:
         with self._cond:
             self._entries.pop(volume_id, None)
             self._attempts.pop(volume_id, None)
+            self._last_start.pop(volume_id, None)
             if volume_id in self._running:
                 self._touched.add(volume_id)
 
@@ -195,7 +238,7 @@ class RenewalScheduler:
                 if not self._heap:
                     self._wait(math.inf)
                     continue
-                due, _generation, volume_id = self._heap[0]
+                due, generation, volume_id = self._heap[0]
                 now = self._clock()
                 if due > now:
                     self._wait(due, due - now)
@@ -205,7 +248,14 @@ class RenewalScheduler:
                     # Still renewing from before: the entry stays and is pushed again when the
                     # running renewal finishes, so the two never overlap.
                     continue
+                earliest = self._last_start.get(volume_id, -math.inf) + self._min_interval
+                if earliest > now:
+                    # Too soon after the previous run: move it to the floor instead.
+                    self._entries[volume_id] = (generation, earliest)
+                    heapq.heappush(self._heap, (earliest, generation, volume_id))
+                    continue
                 del self._entries[volume_id]
+                self._last_start[volume_id] = now
                 self._running.add(volume_id)
                 assert self._pool is not None
                 try:
@@ -245,6 +295,8 @@ class RenewalScheduler:
             elif error is None:
                 if next_due is not None:
                     self._schedule_locked(volume_id, next_due)
+                else:
+                    self._last_start.pop(volume_id, None)  # forgotten by the manager
             else:
                 attempt = self._attempts.get(volume_id, 0) + 1
                 self._attempts[volume_id] = attempt
