@@ -20,6 +20,9 @@ from agent.spec.attributes import (
     ATTRIBUTE_NAMES,
     COMPAT_PREFIX,
     KEY_USAGES,
+    MAX_ANNOTATION_BYTES,
+    MAX_ANNOTATIONS,
+    MAX_CONTEXT_BYTES,
     OWN_PREFIX,
     POD_INFO_PREFIX,
     expand_template,
@@ -884,3 +887,39 @@ def test_a_literal_subject_cannot_gain_attributes_through_a_template() -> None:
 def test_templated_literal_subject_keeps_its_structure_end_to_end() -> None:
     spec = parse({CM + "literal-subject": "CN=${POD_NAME},O=Example"})
     assert spec.subject.literal_subject == "CN=es-transport-0,O=Example"
+
+
+# --- per-volume metadata limits (issue 8: tmpfs exhaustion) ---------------------------------------
+
+
+def test_too_many_passthrough_annotations_are_refused_naming_the_limit() -> None:
+    annotations = {f"example.com/a{i}": "x" for i in range(MAX_ANNOTATIONS + 1)}
+    err = invalid({CM + "common-name": "app", **annotations})
+    assert f"{MAX_ANNOTATIONS + 1} attributes under other prefixes" in err.message
+    assert f"at most {MAX_ANNOTATIONS} are allowed per volume" in err.message
+    # The limit itself is fine.
+    allowed = dict(list(annotations.items())[:MAX_ANNOTATIONS])
+    assert len(parse({CM + "common-name": "app", **allowed}).annotations) == MAX_ANNOTATIONS
+
+
+def test_passthrough_annotations_bigger_than_the_byte_limit_are_refused() -> None:
+    annotations = {f"example.com/a{i}": "x" * 3000 for i in range(3)}
+    err = invalid({CM + "common-name": "app", **annotations})
+    assert f"at most {MAX_ANNOTATION_BYTES} are allowed per volume" in err.message
+
+
+def test_volume_context_bigger_than_the_total_limit_is_refused() -> None:
+    big = {OWN + name: "x" * 4000 for name in ("organizations", "localities", "provinces")}
+    big.update(
+        {OWN + n: "y" * 4000 for n in ("organizationalunits", "streetaddresses", "postalcodes")}
+    )
+    big.update({OWN + n: "a.b," * 1000 for n in ("dns-names", "uri-sans", "email-sans")})
+    big[OWN + "common-name"] = "app"
+    err = invalid(big)
+    assert f"at most {MAX_CONTEXT_BYTES} are allowed per volume" in err.message
+
+
+def test_an_overlong_attribute_key_is_refused_and_quoted_short() -> None:
+    err = invalid({CM + "common-name": "app", "example.com/" + "k" * 10_000: "x"})
+    assert "characters long; at most 317" in err.message
+    assert len(err.message) < 400

@@ -20,7 +20,7 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 from cryptography import x509
 
-from agent.errors import InvalidArgument
+from agent.errors import InvalidArgument, shorten
 from agent.spec.durations import parse_go_duration, parse_go_duration_ns
 from agent.spec.model import (
     DEFAULT_DURATION_SECONDS,
@@ -53,6 +53,9 @@ __all__ = [
     "COMPAT_PREFIX",
     "KEY_USAGES",
     "KNOWN_VARIABLES",
+    "MAX_ANNOTATIONS",
+    "MAX_ANNOTATION_BYTES",
+    "MAX_CONTEXT_BYTES",
     "MAX_VALUE_BYTES",
     "OWN_PREFIX",
     "POD_INFO_PREFIX",
@@ -66,6 +69,14 @@ OWN_PREFIX = "csi.cert-agent.io/"
 COMPAT_PREFIX = "csi.cert-manager.io/"
 POD_INFO_PREFIX = "csi.storage.k8s.io/"
 MAX_VALUE_BYTES = 4096
+# Limits on what one volume may store in its metadata on the node's tmpfs (issue 8: 1,000
+# annotations of 3.9 KB each filled it). An annotation key is at most a 253-character prefix, '/'
+# and a 63-character name; cert-manager itself allows 256 KiB of annotations per object, far more
+# than a per-pod CertificateRequest needs.
+MAX_KEY_CHARS = 253 + 1 + 63
+MAX_ANNOTATIONS = 32
+MAX_ANNOTATION_BYTES = 8 * 1024
+MAX_CONTEXT_BYTES = 32 * 1024
 # 4294967295 is (gid_t)-1, which chown(2) reads as "leave the group alone": the files would stay
 # root-owned and unreadable to the pod, so the largest usable group id is one less.
 MAX_GROUP_ID = 4294967294
@@ -326,19 +337,33 @@ class _Parser:
     # -- step 1: sizes and pod info
 
     def check_sizes(self) -> None:
+        total = 0
         for key in sorted(self.context):
             value = self.context[key]
             try:
-                key.encode("utf-8")
+                key_size = len(key.encode("utf-8"))
                 size = len(value.encode("utf-8"))
             except UnicodeEncodeError:
                 raise InvalidArgument(
-                    f"{quote(key)}: key or value is not valid UTF-8", key
+                    f"{quote(key)}: key or value is not valid UTF-8", shorten(key)
                 ) from None
+            if len(key) > MAX_KEY_CHARS:
+                raise InvalidArgument(
+                    f"volume attribute key {quote(key)} is {len(key)} characters long; at most "
+                    f"{MAX_KEY_CHARS} are allowed (a 253-character prefix, '/', a 63-character "
+                    "name)",
+                    shorten(key),
+                )
             if size > MAX_VALUE_BYTES:
                 raise InvalidArgument(
                     f"{key}: value is {size} bytes long; at most {MAX_VALUE_BYTES} are allowed", key
                 )
+            total += key_size + size
+        if total > MAX_CONTEXT_BYTES:
+            raise InvalidArgument(
+                f"the volume attributes take {total} bytes (keys and values); at most "
+                f"{MAX_CONTEXT_BYTES} are allowed per volume"
+            )
 
     def pod_info(self) -> PodInfo:
         """The pod's identity, each value checked against the Kubernetes name rules first.
@@ -413,8 +438,33 @@ class _Parser:
                 self.attrs[name] = _Attr(name, key, value, value)
         for name in conflicts:  # a conflict must not leave one side in use
             self.attrs.pop(name, None)
+        self.check_annotation_limits()
         if counts[COMPAT_PREFIX] > counts[OWN_PREFIX]:
             self.prefix = COMPAT_PREFIX
+
+    def check_annotation_limits(self) -> None:
+        """Attributes under other prefixes are stored per volume and sent to cert-manager: cap
+        how many and how big, so a pod cannot fill the node's tmpfs with them."""
+        count = len(self.annotations)
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in self.annotations.items())
+        first = min(self.annotations, default=None)
+        if count > MAX_ANNOTATIONS:
+            self.errors.append(
+                InvalidArgument(
+                    f"{count} attributes under other prefixes (passed on as CertificateRequest "
+                    f"annotations); at most {MAX_ANNOTATIONS} are allowed per volume",
+                    first,
+                )
+            )
+        elif size > MAX_ANNOTATION_BYTES:
+            self.errors.append(
+                InvalidArgument(
+                    f"the attributes under other prefixes (passed on as CertificateRequest "
+                    f"annotations) take {size} bytes; at most {MAX_ANNOTATION_BYTES} are allowed "
+                    "per volume",
+                    first,
+                )
+            )
 
     def foreign(self, key: str, value: str) -> None:
         if "/" not in key:

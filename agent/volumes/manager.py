@@ -32,6 +32,7 @@ from agent.errors import (
     FailedPrecondition,
     InvalidArgument,
     IssuanceFailed,
+    shorten,
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
 from agent.issuers.router import IssuerRouter
@@ -808,7 +809,8 @@ def _gid(spec: CertificateSpec, meta: VolumeMeta) -> int | None:
             return int(meta.volume_mount_group)
         except ValueError:
             raise InvalidArgument(
-                f"volume_mount_group {meta.volume_mount_group!r} is not a numeric group id"
+                f"volume_mount_group {shorten(meta.volume_mount_group)!r} is not a numeric "
+                "group id"
             ) from None
     return None
 
