@@ -1,4 +1,10 @@
-"""The HTTP endpoint on ``--metrics-address``: ``/metrics``, ``/healthz`` and ``/readyz``."""
+"""The HTTP endpoint on ``--metrics-address``: ``/metrics``, ``/healthz`` and ``/readyz``.
+
+Scraped by several Prometheus replicas and probed by kubelet, so it must neither refuse
+connections under a burst nor grow a thread per connection: a listen backlog of
+``LISTEN_BACKLOG`` holds a burst in the kernel, ``WORKERS`` threads answer, and each connection
+is closed after its response so a keep-alive client never holds a worker between scrapes.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -19,6 +26,11 @@ log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], tuple[bool, str]]
 _TEXT = "text/plain; charset=utf-8"
+# socketserver's default backlog is 5: a burst of scrapes overflowed it (SYNs dropped, clients
+# retrying after 1 s, 3 s, ...). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+# A scrape takes milliseconds; more threads would only add contention on two cores.
+WORKERS = 4
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -37,10 +49,10 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(HTTPServer):
     # A restarted agent must rebind at once even with connections in TIME_WAIT.
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(
         self,
@@ -54,7 +66,34 @@ class _Server(ThreadingHTTPServer):
         self.registry = registry
         self.ready = ready
         self.alive = alive
+        self.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="cert-agent-http")
+        # Accept only when a worker is free: the rest wait in the listen backlog, not in memory.
+        self._free_workers = threading.BoundedSemaphore(WORKERS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._free_workers.acquire()
+        try:
+            self.pool.submit(self._serve_one, request, client_address)
+        except RuntimeError:  # shutting down
+            self._free_workers.release()
+            self.shutdown_request(request)
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._free_workers.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("http connection from %s failed", client_address, exc_info=True)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -70,7 +109,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
-    timeout = 30  # a stuck client must not hold a thread forever
+    timeout = 10  # a stuck client must not hold a worker for long
 
     def do_GET(self) -> None:
         self._respond(send_body=True)
@@ -106,6 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        # One request per connection (see the module docstring).
+        self.send_header("Connection", "close")
+        self.close_connection = True
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
