@@ -101,6 +101,11 @@ def main() -> int:
             f"127.0.0.1:{port}",
             "--log-format",
             "json",
+            # Certificates that live for seconds: below the production floors (1h, 30s).
+            "--min-duration",
+            "10s",
+            "--min-renewal-interval",
+            "2s",
         ],
         stdout=open(work / "agent.log", "wb"),  # noqa: SIM115 - lives as long as the agent
         stderr=subprocess.STDOUT,

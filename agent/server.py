@@ -172,8 +172,10 @@ class Agent:
             keygen_workers=config.keygen_workers,
             min_duration_seconds=config.min_duration_seconds,
             min_renewal_interval_seconds=config.min_renewal_interval_seconds,
+            tmpfs_reserve_bytes=config.tmpfs_reserve_bytes,
         )
         self.manager.local_trust_bundle = self.ca_provider.trust_bundle_pem
+        self.metrics.watch_tmpfs(self.store.free_space)
         self.scheduler = RenewalScheduler(
             self.manager.renew,
             workers=config.renewal_workers,

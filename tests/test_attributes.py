@@ -29,7 +29,6 @@ from agent.spec.attributes import (
     parse_go_duration,
     parse_volume_context,
 )
-from agent.spec.templating import expand_entries, rfc4514_escape
 from agent.spec.model import (
     DEFAULT_DURATION_SECONDS,
     CertificateSpec,
@@ -43,6 +42,7 @@ from agent.spec.model import (
     PodInfo,
     SubjectSpec,
 )
+from agent.spec.templating import expand_entries, rfc4514_escape
 
 POD_CONTEXT = {
     "csi.storage.k8s.io/pod.name": "es-transport-0",
@@ -847,7 +847,7 @@ def test_pod_info_at_the_limits_of_the_name_rules_is_accepted() -> None:
         POD_INFO_PREFIX + "pod.namespace": "n" * 63,
         POD_INFO_PREFIX + "pod.uid": "0C5E5E0E-3B1F-4C55-9C6A-1F2F0B7C9D11",
     }
-    spec, info = parse_volume_context({**pod, CM + "common-name": "app"})
+    _spec, info = parse_volume_context({**pod, CM + "common-name": "app"})
     assert info.name == name and len(name) == 253
 
 

@@ -520,7 +520,12 @@ def test_planned_renewal_is_never_sooner_than_the_floor_after_now(
     # Whatever the certificate (even one that expired before it was stored), never a loop.
     now = not_before + late
     plan = plan_renewal(
-        not_before, not_before + lifetime, renew_before, random.Random(0), now=now, min_interval=floor
+        not_before,
+        not_before + lifetime,
+        renew_before,
+        random.Random(0),
+        now=now,
+        min_interval=floor,
     )
     assert plan.due >= now + floor
 

@@ -54,4 +54,3 @@ def add_csi_servicers(server: grpc.Server, servicers: dict[str, object]) -> None
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service.full_name, handlers),)
         )
-        server.add_registered_method_handlers(service.full_name, handlers)

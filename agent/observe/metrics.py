@@ -8,7 +8,9 @@ volume.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -138,6 +140,16 @@ class AgentMetrics:
             "Volumes whose renew-before was not shorter than the lifetime the issuer granted, "
             "so they renew at 2/3 of the lifetime instead (counted once per volume and run).",
             ["issuer"],
+            registry=r,
+        )
+        self.tmpfs_free = Gauge(
+            "cert_agent_tmpfs_free_bytes",
+            "Free bytes on the tmpfs that holds every volume's files (read at scrape time).",
+            registry=r,
+        )
+        self.tmpfs_size = Gauge(
+            "cert_agent_tmpfs_size_bytes",
+            "Size of the tmpfs that holds every volume's files.",
             registry=r,
         )
         self.ca_expiry = Gauge(
@@ -274,6 +286,18 @@ class AgentMetrics:
     def observe_grpc(self, method: str, code: str, seconds: float) -> None:
         self.grpc_requests.labels(method, code).inc()
         self.grpc_duration.labels(method).observe(seconds)
+
+    def watch_tmpfs(self, free_space: Callable[[], tuple[int, int]]) -> None:
+        """Report ``free_space()`` ((free, size) in bytes) at every scrape."""
+
+        def read(index: int) -> float:
+            try:
+                return float(free_space()[index])
+            except Exception:  # a scrape must not fail because statvfs did
+                return math.nan
+
+        self.tmpfs_free.set_function(lambda: read(0))
+        self.tmpfs_size.set_function(lambda: read(1))
 
     def set_ca_expiry(self, timestamp: float) -> None:
         self.ca_expiry.set(timestamp)

@@ -173,7 +173,9 @@ _LIST_ATTRIBUTES = frozenset({"dns-names", "uri-sans", "email-sans", "other-name
 )
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
-_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _K8S_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _K8S_NAME_PART_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
 _KIND_RE = re.compile(r"[A-Za-z0-9]+")
@@ -393,10 +395,7 @@ class _Parser:
             )
         account_key = POD_INFO_PREFIX + "serviceAccount.name"
         account = self.context.get(account_key, "")
-        if account.strip():
-            account = _check_pod_value(account_key, account)
-        else:
-            account = ""
+        account = _check_pod_value(account_key, account) if account.strip() else ""
         return PodInfo(service_account=account, **fields)
 
     # -- step 2: sort keys into ours, foreign annotations and mistakes
@@ -920,7 +919,10 @@ class _Parser:
 def _check_pod_value(key: str, value: str) -> str:
     """A pod-info value as Kubernetes allows it, or InvalidArgument naming the key and rule."""
     if key.endswith("pod.uid"):
-        ok, rule = bool(_UUID_RE.fullmatch(value)), "a UUID such as 0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11"
+        ok, rule = (
+            bool(_UUID_RE.fullmatch(value)),
+            "a UUID such as 0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11",
+        )
     elif key.endswith("pod.namespace"):
         ok = len(value) <= 63 and bool(_LABEL_RE.fullmatch(value))
         rule = "a DNS-1123 label: at most 63 of a-z, 0-9 and '-', starting and ending alphanumeric"

@@ -29,6 +29,7 @@ KNOWN_VARIABLES: dict[str, str] = {
 # filled in from the pod watch (agent.spec.model.CertificateSpec.with_pod_ips).
 POD_IP_VARIABLES = frozenset({"POD_IP", "POD_IPS"})
 
+
 def quote(value: str) -> str:
     """A value as it is shown in messages: quoted, control characters escaped, shortened
     (kubelet events are short; never echo a 4 KiB value back in full)."""

@@ -32,6 +32,7 @@ from agent.errors import (
     FailedPrecondition,
     InvalidArgument,
     IssuanceFailed,
+    ResourceExhausted,
     shorten,
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
@@ -131,6 +132,7 @@ class VolumeManager:
         keygen_workers: int = 2,
         min_duration_seconds: int = 0,
         min_renewal_interval_seconds: float = 0.0,
+        tmpfs_reserve_bytes: int = 0,
     ) -> None:
         self.store = store
         self.mounter = mounter
@@ -158,6 +160,7 @@ class VolumeManager:
         self.keygen = ConcurrencyLimit(keygen_workers)
         self.min_duration_seconds = min_duration_seconds
         self.min_renewal_interval_seconds = min_renewal_interval_seconds
+        self.tmpfs_reserve_bytes = tmpfs_reserve_bytes
         # Volumes whose renew-before did not fit the granted lifetime, already reported once.
         self._renew_before_reported: set[str] = set()
 
@@ -193,6 +196,7 @@ class VolumeManager:
                     return
             else:
                 self._check_min_duration(spec, context)
+                self._check_room_for_new_volume()
                 now = self.clock()
                 meta = VolumeMeta(
                     volume_id=request.volume_id,
@@ -277,6 +281,20 @@ class VolumeManager:
             "(--min-duration); ask for a longer duration",
             key,
         )
+
+    def _check_room_for_new_volume(self) -> None:
+        """Keep the last ``tmpfs_reserve_bytes`` for renewals: existing volumes must always be
+        able to write their next certificate, so new ones are refused first."""
+        if self.tmpfs_reserve_bytes <= 0:
+            return
+        free, size = self.store.free_space()
+        if free < self.tmpfs_reserve_bytes:
+            raise ResourceExhausted(
+                f"no room for a new volume on this node: the agent's tmpfs has {free} of "
+                f"{size} bytes free, below the {self.tmpfs_reserve_bytes} bytes kept for "
+                "renewals of existing volumes (--tmpfs-reserve); the cluster admin can raise "
+                "--tmpfs-size (see docs/install.md#sizing-the-tmpfs)"
+            )
 
     def _check_same_arguments(
         self, meta: VolumeMeta, request: PublishRequest, context: Mapping[str, str]
@@ -809,8 +827,7 @@ def _gid(spec: CertificateSpec, meta: VolumeMeta) -> int | None:
             return int(meta.volume_mount_group)
         except ValueError:
             raise InvalidArgument(
-                f"volume_mount_group {shorten(meta.volume_mount_group)!r} is not a numeric "
-                "group id"
+                f"volume_mount_group {shorten(meta.volume_mount_group)!r} is not a numeric group id"
             ) from None
     return None
 

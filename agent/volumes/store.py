@@ -199,6 +199,14 @@ class VolumeStore:
                 metas.append(meta)
         return metas
 
+    def free_space(self) -> tuple[int, int]:
+        """(bytes free, bytes in all) of the filesystem holding the volumes (the tmpfs)."""
+        try:
+            st = os.statvfs(self._volumes)
+        except OSError as exc:
+            raise Internal(f"cannot read free space of {self._volumes}: {exc.strerror}") from exc
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
     def count(self) -> int:
         """How many volumes have metadata: one stat each, no parsing (for the gauge)."""
         try:
