@@ -74,3 +74,31 @@ def test_serve_exits_2_with_the_reason_on_bad_configuration(
 
     assert main(["serve", "--node-id", "n"]) == 2
     assert "no local CA configured" in capsys.readouterr().err
+
+
+def test_limit_settings_default_to_the_production_floors_and_accept_test_values() -> None:
+    defaults = resolve_args("--standalone")
+    assert defaults.min_duration_seconds == 3600
+    assert defaults.min_renewal_interval_seconds == 30.0
+    assert defaults.keygen_workers == 2
+    assert defaults.tmpfs_reserve_bytes == 2 * 1024 * 1024
+    env = {"CERT_AGENT_MIN_DURATION": "10s", "CERT_AGENT_TMPFS_RESERVE": "0"}
+    demo = resolve_args("--standalone", "--min-renewal-interval", "500ms", environ=env)
+    assert demo.min_duration_seconds == 10
+    assert demo.min_renewal_interval_seconds == 0.5
+    assert demo.tmpfs_reserve_bytes == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--min-duration", "3000h"], "--min-duration must not be longer than --max-duration"),
+        (["--min-renewal-interval", "0s"], "--min-renewal-interval"),
+        (["--keygen-workers", "0"], "--keygen-workers"),
+        (["--tmpfs-reserve", "64"], "--tmpfs-reserve"),
+    ],
+)
+def test_invalid_limit_settings_name_the_setting(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_args("--standalone", *argv)
+    assert message in str(info.value)

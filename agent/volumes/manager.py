@@ -36,6 +36,7 @@ from agent.errors import (
     shorten,
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
+from agent.issuers.local import format_duration
 from agent.issuers.router import IssuerRouter
 from agent.observe.metrics import CERT_MANAGER_ISSUER, LOCAL_ISSUER, AgentMetrics
 from agent.pki.csr import build_csr
@@ -276,8 +277,8 @@ class VolumeManager:
             OWN_PREFIX + "duration",
         )
         raise InvalidArgument(
-            f"{key}: {format_seconds(requested)} is shorter than this agent's minimum "
-            f"certificate lifetime of {format_seconds(self.min_duration_seconds)} "
+            f"{key}: {format_duration(requested)} is shorter than this agent's minimum "
+            f"certificate lifetime of {format_duration(self.min_duration_seconds)} "
             "(--min-duration); ask for a longer duration",
             key,
         )
@@ -792,15 +793,6 @@ def _validate_target_path(target_path: str, data_root: Path) -> Path:
             f"target_path {target_path!r} overlaps the agent's data root {data_root}"
         )
     return target
-
-
-def format_seconds(seconds: float) -> str:
-    """Go-style, as attributes are written: ``1h``, ``90s``, ``1h30m``."""
-    whole = int(seconds)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{v}{u}" for v, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if v]
-    return "".join(parts) or "0s"
 
 
 def _pick_token(tokens_json: str | None) -> str | None:
