@@ -923,3 +923,28 @@ def test_an_overlong_attribute_key_is_refused_and_quoted_short() -> None:
     err = invalid({CM + "common-name": "app", "example.com/" + "k" * 10_000: "x"})
     assert "characters long; at most 317" in err.message
     assert len(err.message) < 400
+
+
+@given(value=st.text(min_size=1, max_size=80))
+def test_no_pod_value_can_add_a_san_or_a_subject_attribute(value: str) -> None:
+    for suffix in ("pod.name", "pod.namespace", "serviceAccount.name"):
+        context = {
+            **POD_CONTEXT,
+            POD_INFO_PREFIX + suffix: value,
+            CM
+            + "dns-names": "${POD_NAME}-${POD_NAMESPACE}-${SERVICE_ACCOUNT_NAME}.svc,b.example.com",
+            CM + "organizations": "${POD_NAME}${POD_NAMESPACE}${SERVICE_ACCOUNT_NAME}",
+        }
+        try:
+            spec, _pod = parse_volume_context(context)
+        except InvalidArgument:
+            continue
+        assert len(spec.dns_names) == 2
+        assert len(spec.subject.organizations) == 1
+        literal = {
+            **{k: v for k, v in context.items() if k != CM + "organizations"},
+            CM + "literal-subject": "CN=${POD_NAME}${POD_NAMESPACE}${SERVICE_ACCOUNT_NAME},O=Ex",
+        }
+        subject = parse_volume_context(literal)[0].subject.literal_subject
+        assert subject is not None
+        assert len(x509.Name.from_rfc4514_string(subject)) == 2
