@@ -349,13 +349,18 @@ def stop_timed(process: AgentProcess) -> float:
     return time.perf_counter() - started
 
 
-def serving_line(process: AgentProcess) -> dict[str, object]:
-    for line in process.log_path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            entry = json.loads(line)
-            if isinstance(entry, dict) and entry.get("msg") == "agent serving":
-                return entry
-    raise RuntimeError(f"no 'agent serving' line in {process.log_path}")
+def serving_line(process: AgentProcess, timeout: float = 30) -> dict[str, object]:
+    # The socket answers before the metrics endpoint is up and the line is written: poll for it.
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in process.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("msg") == "agent serving":
+                    return entry
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no 'agent serving' line in {process.log_path}")
+        time.sleep(0.01)
 
 
 def mounts_below(root: Path) -> int:
@@ -566,13 +571,15 @@ def bench_scrapes(volumes: int, clients: int, requests: int) -> ScrapeResults:
 def _render_scrapes(add: Callable[[str], None], scrapes: ScrapeResults) -> None:
     add(f"## 8. /metrics under {scrapes.clients} concurrent scrapers")
     add("")
-    add(f"{len(scrapes.latencies)} `GET /metrics` requests from {scrapes.clients} client threads")
-    add("(a new connection each) against the metrics endpoint holding the series of")
-    add(f"{scrapes.volumes} volumes ({scrapes.body_bytes} bytes per response), served by its")
-    add(f"{WORKERS} workers with a listen backlog of {LISTEN_BACKLOG}. Listen overflows are the")
-    add("kernel's TcpExt ListenOverflows counter over the run (a SYN dropped because the accept")
-    add("queue was full; the client retries after 1 s, then 3 s: the multi-second tail a backlog")
-    add("of 5 gave).")
+    add(
+        f"{len(scrapes.latencies)} `GET /metrics` requests from {scrapes.clients} client threads "
+        "(a new connection each)"
+    )
+    add(f"against the metrics endpoint holding the series of {scrapes.volumes} volumes")
+    add(f"({scrapes.body_bytes} bytes per response), served by its {WORKERS} workers with a")
+    add(f"listen backlog of {LISTEN_BACKLOG}. Listen overflows are the kernel's TcpExt")
+    add("ListenOverflows counter over the run: a SYN dropped because the accept queue was full,")
+    add("which the client retries after 1 s, then 3 s (the multi-second tail a backlog of 5 gave).")
     add("")
     stats = Stats.of(scrapes.latencies)
     add("| median ms | p10 ms | p90 ms | n | p99 ms | max ms | failed | listen overflows |")
