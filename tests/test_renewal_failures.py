@@ -179,6 +179,9 @@ def test_renewal_failing_after_the_issuer_answered_is_counted(
 
 
 def test_first_issue_on_a_full_tmpfs_is_counted(agent: RunningAgent) -> None:
+    # With the default --tmpfs-reserve a full tmpfs refuses the new volume before any issue
+    # (RESOURCE_EXHAUSTED, tests/test_tmpfs_limits.py); without it the write itself fails.
+    agent.agent.manager.tmpfs_reserve_bytes = 0
     filler = fill(agent.config.data_root / "volumes")
     pod = agent.pod("es-0")
     with pytest.raises(grpc.RpcError) as error:

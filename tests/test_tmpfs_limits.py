@@ -68,3 +68,16 @@ def test_below_the_reserve_new_volumes_are_refused_and_renewals_still_complete(
     filler.unlink()
     agent.publish(newcomer, ATTRS)
     assert (newcomer.target / "tls.crt").exists()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the payload tmpfs needs root (CI runs as root)")
+def test_a_full_tmpfs_refuses_a_new_volume_before_any_issue(agent_factory: object) -> None:
+    agent: RunningAgent = agent_factory(tmpfs_reserve_bytes=2 * MiB)  # type: ignore[operator]
+    filler = fill_to(agent.config.data_root / "volumes", 64 * 1024)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            agent.publish(agent.pod("app"), ATTRS)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # was INTERNAL on main
+        assert sample(agent, "cert_agent_issue_attempts_total", operation="issue") == 0.0
+    finally:
+        filler.unlink()
