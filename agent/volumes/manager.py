@@ -157,7 +157,6 @@ class VolumeManager:
         self.pod_ips.reissue = lambda volume_id: self.scheduler.schedule(volume_id, 0.0)
         self.trust = TrustBundles(metrics)
         self.trust.rewrite = self._rewrite_trust_ca
-
         self.keygen = ConcurrencyLimit(keygen_workers)
         self.min_duration_seconds = min_duration_seconds
         self.min_renewal_interval_seconds = min_renewal_interval_seconds
