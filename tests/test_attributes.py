@@ -870,7 +870,7 @@ def test_lists_are_split_before_they_are_expanded() -> None:
 
 def test_a_literal_subject_cannot_gain_attributes_through_a_template() -> None:
     text = expand_template(
-        "CN=${POD_NAME},OU=${POD_NAMESPACE}", EVIL, CM + "literal-subject", rfc4514_escape
+        "CN=${POD_NAME},OU=${POD_NAMESPACE}", EVIL, CM + "literal-subject", escape=rfc4514_escape
     )
     name = x509.Name.from_rfc4514_string(text)
     assert [(a.oid, a.value) for a in name] == [

@@ -15,7 +15,7 @@ from agent.spec.trust import parse_trust_bundle
 POD = {
     "csi.storage.k8s.io/pod.name": "web-0",
     "csi.storage.k8s.io/pod.namespace": "apps",
-    "csi.storage.k8s.io/pod.uid": "3f0c",
+    "csi.storage.k8s.io/pod.uid": "3f0c9a52-7d0e-4c1b-9a61-2b4f8e6d5c13",
 }
 OWN = "csi.cert-agent.io/"
 
