@@ -104,6 +104,13 @@ class Cluster:
         wait_for(lambda: all(issuer_of(t) == new for t in targets), 30, "every volume reissued")
         rotation = agent.agent._rotation
         wait_for(lambda: rotation.changed_at is None, 30, "the reissue to be noticed")
+        # The reissues ran on the renewal workers: wait until each has rescheduled its volume.
+        scheduler = agent.agent.scheduler
+        wait_for(
+            lambda: scheduler.running() == 0 and scheduler.pending() == len(targets),
+            30,
+            "the reissues to finish",
+        )
 
     def end_overlap(self, agent: RunningAgent, when: float) -> None:
         self.clock.set(when)
