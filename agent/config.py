@@ -27,6 +27,7 @@ ENV_PREFIX = "CERT_AGENT_"
 _DRIVER_NAME_RE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_METRICS_ADDRESS = ":9402"
+DEFAULT_KUBELET_ROOT = "/var/lib/kubelet"
 
 
 class ConfigError(ValueError):
@@ -183,6 +184,19 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         "bool",
     ),
+    Setting(
+        "kubelet-root",
+        "kubelet's root directory (--root-dir); every target_path must be "
+        "<kubelet-root>/pods/<uid>/volumes/kubernetes.io~csi/<name>/mount",
+        DEFAULT_KUBELET_ROOT,
+    ),
+    Setting(
+        "relaxed-target-paths",
+        "accept any target_path below --kubelet-root, not only kubelet's "
+        "pods/<uid>/volumes/kubernetes.io~csi/<name>/mount shape (non-standard kubelets)",
+        False,
+        "bool",
+    ),
 )
 
 
@@ -237,6 +251,8 @@ class AgentConfig:
     min_renewal_interval_seconds: float = 30.0
     keygen_workers: int = 2
     tmpfs_reserve_bytes: int = 2 * 1024 * 1024
+    kubelet_root: Path = Path(DEFAULT_KUBELET_ROOT)
+    relaxed_target_paths: bool = False
 
     @property
     def socket_path(self) -> Path:
@@ -373,7 +389,10 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
             f"--driver-name {driver_name!r} must be a domain-style name of at most 63 characters "
             "that starts and ends with a letter or digit (CSI spec), such as csi.cert-agent.io"
         )
-    data_root = Path(raw["data-root"] or f"/var/lib/kubelet/plugins/{driver_name}/data")
+    kubelet_root = Path(raw["kubelet-root"])
+    if not kubelet_root.is_absolute():
+        kubelet_root = kubelet_root.resolve()
+    data_root = Path(raw["data-root"] or f"{kubelet_root}/plugins/{driver_name}/data")
     if not data_root.is_absolute():
         data_root = data_root.resolve()
     socket_path_from_endpoint(raw["endpoint"])
@@ -474,6 +493,8 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         min_renewal_interval_seconds=float(raw["min-renewal-interval"]),
         keygen_workers=raw["keygen-workers"],
         tmpfs_reserve_bytes=raw["tmpfs-reserve"] * 1024 * 1024,
+        kubelet_root=kubelet_root,
+        relaxed_target_paths=bool(raw["relaxed-target-paths"]),
     )
 
 

@@ -36,6 +36,7 @@ from agent.pki.ca import (
 )
 from agent.volumes.manager import VolumeManager
 from agent.volumes.mounter import Mounter, detect_mounter
+from agent.volumes.paths import TargetPolicy
 from agent.volumes.scheduler import RenewalScheduler
 from agent.volumes.store import VolumeStore
 
@@ -173,6 +174,9 @@ class Agent:
             min_duration_seconds=config.min_duration_seconds,
             min_renewal_interval_seconds=config.min_renewal_interval_seconds,
             tmpfs_reserve_bytes=config.tmpfs_reserve_bytes,
+            target_policy=TargetPolicy(
+                config.kubelet_root, config.data_root, config.relaxed_target_paths
+            ),
         )
         self.manager.local_trust_bundle = self.ca_provider.trust_bundle_pem
         self.metrics.watch_tmpfs(self.store.free_space)

@@ -1,7 +1,12 @@
-"""Shared fixtures: a real agent (in-process or as a process) on a real UNIX socket."""
+"""Shared fixtures: a real agent (in-process or as a process) on a real UNIX socket.
+
+As root the whole session runs in a private mount namespace of its own (entered before any
+thread exists), so no agent bug can reach the machine's mounts: see enter_private_mount_namespace.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -33,6 +38,36 @@ from tests.path_guard import OutsideOpens
 
 REPO = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
+
+
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+
+
+def enter_private_mount_namespace() -> None:
+    """unshare(CLONE_NEWNS) and make every mount private: the agents under test (in-process and
+    their child processes) then mount and unmount in a copy of the mount table that nothing
+    propagates out of. Must run before the process has a second thread (unshare refuses then).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise RuntimeError(f"cannot enter a private mount namespace: {os.strerror(err)}")
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        err = ctypes.get_errno()
+        raise RuntimeError(f"cannot make / rprivate: {os.strerror(err)}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if IS_ROOT and os.environ.get("CERT_AGENT_TEST_MOUNT_NS") != str(os.getpid()):
+        enter_private_mount_namespace()
+        os.environ["CERT_AGENT_TEST_MOUNT_NS"] = str(os.getpid())
+
+
+def kubelet_target(kubelet_root: Path, pod_uid: str, volume_name: str = "tls") -> Path:
+    """Where kubelet puts an inline CSI volume's target_path."""
+    return kubelet_root / "pods" / pod_uid / "volumes" / "kubernetes.io~csi" / volume_name / "mount"
 
 
 def free_port() -> int:
@@ -77,6 +112,7 @@ def make_config(tmp: Path, **overrides: object) -> AgentConfig:
         # --min-duration 1h, --min-renewal-interval 30s; tests of those pass them explicitly).
         "min_duration_seconds": 1,
         "min_renewal_interval_seconds": 0.5,
+        "kubelet_root": tmp / "kubelet",
     }
     values.update(overrides)
     return AgentConfig(**values)  # type: ignore[arg-type]
@@ -103,15 +139,7 @@ class Pod:
 
     @property
     def target(self) -> Path:
-        return (
-            self.kubelet_root
-            / "pods"
-            / self.uid
-            / "volumes"
-            / "kubernetes.io~csi"
-            / self.volume_name
-            / "mount"
-        )
+        return kubelet_target(self.kubelet_root, self.uid, self.volume_name)
 
     def request(
         self, attributes: dict[str, str], fs_group: int | None = None, readonly: bool = True
@@ -224,6 +252,8 @@ class AgentProcess:
             "1s",
             "--min-renewal-interval",
             "500ms",
+            "--kubelet-root",
+            str(tmp / "kubelet"),
             *extra,
         ]
         self.process: subprocess.Popen[bytes] | None = None

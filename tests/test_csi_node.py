@@ -309,15 +309,23 @@ def test_block_and_persistent_volumes_are_refused(agent: RunningAgent) -> None:
     assert "ephemeral" in (error.details() or "")
 
 
-def test_target_inside_the_data_root_is_refused(agent: RunningAgent) -> None:
+def test_target_inside_the_data_root_is_refused(agent_factory: object, tmp_path: Path) -> None:
+    # The DaemonSet's layout: the data root lives below the kubelet root (plugins/...).
+    data_root = tmp_path / "kubelet" / "plugins" / "csi.cert-agent.io" / "data"
+    agent = agent_factory(data_root=data_root, relaxed_target_paths=True)  # type: ignore[operator]
     pod = agent.pod("x")
     request = pod.request({"csi.cert-agent.io/dns-names": "a.b"})
-    request.target_path = str(agent.config.data_root / "volumes" / "evil")
+    for target in (f"{data_root}/volumes/evil", f"/{data_root}/volumes", f"{data_root}/..x/../"):
+        request.target_path = target
+        error = rpc_error(agent.client.publish, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, target
+        assert "[rule not-data-root]" in (error.details() or "") or "[rule no-dotdot]" in (
+            error.details() or ""
+        )
+    request.target_path = "relative/path"
     error = rpc_error(agent.client.publish, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "data root" in (error.details() or "")
-    request.target_path = "relative/path"
-    assert rpc_error(agent.client.publish, request).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "[rule absolute]" in (error.details() or "")
 
 
 def test_pkcs12_keystore_and_custom_file_names(agent: RunningAgent) -> None:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from agent.csi import csi_pb2, csi_pb2_grpc
-from tests.conftest import REPO, AgentProcess, RunningAgent
+from tests.conftest import REPO, AgentProcess, RunningAgent, kubelet_target
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -61,14 +61,14 @@ def test_no_key_material_reaches_the_log_at_debug_level(
     agent_process: object, tmp_path: Path
 ) -> None:
     agent: AgentProcess = agent_process("--log-level", "debug")  # type: ignore[operator]
-    target = tmp_path / "pods" / "app" / "mount"
+    target = kubelet_target(tmp_path / "kubelet", "app")
     args = ["publish", "--endpoint", agent.endpoint, "--target", str(target)]
     args += ["--attr", "dns-names=app.example.com", "--attr", "duration=3s"]
     args += ["--attr", "renew-before=2s", "--attr", "pkcs12-enable=true"]
     args += ["--attr", "pkcs12-password=hunter2-not-in-logs"]
     subprocess.run([sys.executable, "-m", "agent.cli", *args], check=True, cwd=REPO)
     # A bad publish too: error paths log the request.
-    bad = ["publish", "--endpoint", agent.endpoint, "--target", str(tmp_path / "bad" / "m")]
+    bad = ["publish", "--endpoint", agent.endpoint, "--target", str(kubelet_target(tmp_path / "kubelet", "bad"))]
     bad += ["--attr", "dns-names=bad_name", "--attr", "pkcs12-password=hunter2-not-in-logs"]
     subprocess.run([sys.executable, "-m", "agent.cli", *bad], check=False, cwd=REPO)
     first_key = (target / "tls.key").read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -17,10 +18,10 @@ from agent.volumes.mounter import (
     MountInfo,
     NoMounter,
     detect_mounter,
-    expected_bind_root,
     parse_mountinfo,
     read_mountinfo,
 )
+from agent.volumes.paths import TargetDir, TargetPolicy
 from agent.volumes.store import write_payload
 
 SAMPLE = (
@@ -60,47 +61,20 @@ def test_parse_mountinfo_fields_and_escapes() -> None:
     assert bind.optional_fields == ()
 
 
-def test_expected_bind_root_uses_the_longest_containing_mount() -> None:
-    mounts = parse_mountinfo(SAMPLE)
-    assert expected_bind_root(mounts, "/var/lib/agent data/volumes/v/data") == (
-        0,
-        39,
-        "/volumes/v/data",
-    )
-    assert expected_bind_root(mounts, "/var/lib/agent data") == (0, 39, "/")
-    # A sibling whose name merely starts with the mount point is on the root filesystem.
-    assert expected_bind_root(mounts, "/var/lib/agent data2/x") == (
-        254,
-        0,
-        "/var/lib/agent data2/x",
-    )
-
-
-def test_expected_bind_root_inside_a_bind_mount_adds_its_root() -> None:
-    mounts = [
-        MountInfo(1, 0, 8, 1, "/", "/", ("rw",), (), "ext4", "/dev/sda", ()),
-        MountInfo(2, 1, 8, 1, "/srv/state", "/data", ("rw",), (), "ext4", "/dev/sda", ()),
-        # A later mount on the same point hides the earlier one.
-        MountInfo(3, 2, 0, 50, "/", "/data", ("rw",), (), "tmpfs", "tmpfs", ()),
-    ]
-    assert expected_bind_root(mounts, "/data/volumes/v") == (0, 50, "/volumes/v")
-    assert expected_bind_root(mounts[:2], "/data/volumes/v") == (8, 1, "/srv/state/volumes/v")
-
-
 # --- NoMounter and detection ---------------------------------------------------------------
 
 
 def test_no_mounter_refuses_mounts_and_answers_false(tmp_path: Path) -> None:
     m = NoMounter()
     assert m.can_mount is False
-    with pytest.raises(FailedPrecondition, match="mount privilege"):
-        m.bind_readonly(tmp_path, tmp_path / "t")
+    with at(tmp_path, tmp_path / "t") as target:
+        with pytest.raises(FailedPrecondition, match="mount privilege"):
+            m.bind_readonly(tmp_path, target)
+        m.unmount_bind(target, tmp_path)
+        assert m.is_mountpoint(target) is False
+        assert m.is_bind_of(target, tmp_path) is False
     with pytest.raises(FailedPrecondition, match="mount privilege"):
         m.ensure_tmpfs(tmp_path / "t", 1 << 20)
-    m.unmount(tmp_path)
-    assert m.is_mountpoint(tmp_path) is False
-    assert m.is_bind_of(tmp_path, tmp_path) is False
-    assert not (tmp_path / "t").exists()
 
 
 def test_detect_mounter_without_root_is_no_mounter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,6 +107,15 @@ def mounts(tmp_path: Path) -> Iterator[list[Path]]:
         assert not leaked, f"mounts leaked: {leaked}"
 
 
+@contextlib.contextmanager
+def at(root: Path, target: Path, create: bool = True) -> Iterator[TargetDir]:
+    """The target held open the agent's way (an O_NOFOLLOW walk below ``root``)."""
+    policy = TargetPolicy(root, root / ".no-data-root", relaxed_shape=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with policy.open_target(policy.check(str(target)), create=create) as handle:
+        yield handle
+
+
 def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, capture_output=True)
 
@@ -155,7 +138,6 @@ class TestLinuxMounter:
         assert {"nosuid", "nodev", "noexec"} <= set(entry.options)
         assert "size=2048k" in entry.super_options
         assert stat.S_IMODE(root.stat().st_mode) == 0o700
-        assert m.is_mountpoint(root)
         (root / "marker").write_text("x")
         m.ensure_tmpfs(root, 2 << 20)
         assert len(_entries_at(root)) == 1
@@ -164,37 +146,41 @@ class TestLinuxMounter:
     def test_bind_readonly_blocks_writes_but_source_stays_writable(
         self, tmp_path: Path, mounts: list[Path]
     ) -> None:
-        source, target = tmp_path / "source", tmp_path / "pod" / "mount"
+        root, target = tmp_path / "root", tmp_path / "pod" / "mount"
+        mounts.extend([root, target])
+        m = LinuxMounter()
+        m.ensure_tmpfs(root, 1 << 20)
+        source = root / "source"
         source.mkdir()
         (source / "tls.crt").write_text("cert")
-        mounts.append(target)
-        m = LinuxMounter()
-        m.bind_readonly(source, target)
-        (entry,) = _entries_at(target)
-        assert {"ro", "nosuid", "nodev", "noexec"} <= set(entry.options)
-        assert (target / "tls.crt").read_text() == "cert"
-        with pytest.raises(OSError) as info:
-            (target / "new").write_text("x")
-        assert info.value.errno == errno.EROFS
-        with pytest.raises(OSError) as info:
-            (target / "tls.crt").write_text("overwrite")
-        assert info.value.errno == errno.EROFS
-        (source / "later").write_text("from the agent")
-        assert (target / "later").read_text() == "from the agent"
-        # Idempotent: a second call neither fails nor stacks another mount.
-        m.bind_readonly(source, target)
-        assert len(_entries_at(target)) == 1
+        with at(tmp_path, target) as handle:
+            m.bind_readonly(source, handle)
+            (entry,) = _entries_at(target)
+            assert {"ro", "nosuid", "nodev", "noexec"} <= set(entry.options)
+            assert (target / "tls.crt").read_text() == "cert"
+            with pytest.raises(OSError) as info:
+                (target / "new").write_text("x")
+            assert info.value.errno == errno.EROFS
+            with pytest.raises(OSError) as info:
+                (target / "tls.crt").write_text("overwrite")
+            assert info.value.errno == errno.EROFS
+            (source / "later").write_text("from the agent")
+            assert (target / "later").read_text() == "from the agent"
+            # Idempotent: a second call neither fails nor stacks another mount.
+            m.bind_readonly(source, handle)
+            assert len(_entries_at(target)) == 1
 
-    def test_bind_readonly_makes_an_existing_writable_bind_read_only(
+    def test_bind_readonly_replaces_its_own_writable_bind(
         self, tmp_path: Path, mounts: list[Path]
     ) -> None:
         source, target = tmp_path / "source", tmp_path / "target"
         source.mkdir()
         target.mkdir()
         mounts.append(target)
-        _mount("--bind", str(source), str(target))
+        _mount("--bind", str(source), str(target))  # what an older agent left: a writable bind
         m = LinuxMounter()
-        m.bind_readonly(source, target)
+        with at(tmp_path, target) as handle:
+            m.bind_readonly(source, handle)
         (entry,) = _entries_at(target)
         assert entry.readonly
         with pytest.raises(OSError) as info:
@@ -209,8 +195,8 @@ class TestLinuxMounter:
             d.mkdir()
         mounts.append(target)
         _mount("--bind", str(other), str(target))
-        with pytest.raises(FailedPrecondition, match="another mount"):
-            LinuxMounter().bind_readonly(source, target)
+        with at(tmp_path, target) as handle, pytest.raises(FailedPrecondition, match="another"):
+            LinuxMounter().bind_readonly(source, handle)
         assert len(_entries_at(target)) == 1
 
     def test_payload_swap_is_visible_through_the_bind(
@@ -222,7 +208,9 @@ class TestLinuxMounter:
         m.ensure_tmpfs(root, 1 << 20)
         payload = root / "volumes" / "v" / "data"
         write_payload(payload, {"tls.crt": b"cert-1", "tls.key": b"key-1", "old": b"o"}, 2000)
-        m.bind_readonly(payload, target)
+        with at(tmp_path, target) as handle:
+            m.bind_readonly(payload, handle)
+            assert m.is_bind_of(handle, payload)
         assert (target / "tls.crt").read_bytes() == b"cert-1"
         first = os.readlink(target / "..data")
         st = target.stat()
@@ -237,7 +225,6 @@ class TestLinuxMounter:
         assert first in os.listdir(target)
         write_payload(payload, {"tls.crt": b"cert-3", "tls.key": b"key-3"}, 2000)
         assert first not in os.listdir(target)
-        assert m.is_bind_of(target, payload)
 
     def test_is_bind_of_cases(self, tmp_path: Path, mounts: list[Path]) -> None:
         root, target = tmp_path / "root", tmp_path / "target"
@@ -248,76 +235,93 @@ class TestLinuxMounter:
         payload.mkdir(parents=True)
         other.mkdir(parents=True)
 
-        assert not m.is_bind_of(tmp_path / "missing", payload)
-        assert not m.is_bind_of(target, payload)  # does not exist yet
-        target.mkdir()
-        assert not m.is_bind_of(target, payload)  # not a mount point
-        assert not m.is_mountpoint(target)
+        with at(tmp_path, target, create=False) as handle:
+            assert not m.is_bind_of(handle, payload)  # does not exist yet
+            assert not m.is_mountpoint(handle)
+            handle.create()
+            assert not m.is_bind_of(handle, payload)  # not a mount point
+            assert not m.is_mountpoint(handle)
 
-        m.bind_readonly(payload, target)
-        assert m.is_bind_of(target, payload)
-        assert m.is_mountpoint(target)
-        (entry,) = _entries_at(target)
-        assert entry.root == "/volumes/v/data"
-        assert not m.is_bind_of(target, other)
-        assert not m.is_bind_of(target, root)
+            m.bind_readonly(payload, handle)
+            assert m.is_bind_of(handle, payload)
+            assert m.is_mountpoint(handle)
+            (entry,) = _entries_at(target)
+            assert entry.root == "/volumes/v/data"
+            assert not m.is_bind_of(handle, other)
+            assert not m.is_bind_of(handle, root)
+            assert not m.is_bind_of(handle, tmp_path / "missing")
 
-        m.unmount(target)
-        assert not m.is_bind_of(target, payload)
-        m.bind_readonly(other, target)
-        assert not m.is_bind_of(target, payload)
-        assert m.is_bind_of(target, other)
+            m.unmount_bind(handle, payload)
+            assert not m.is_bind_of(handle, payload)
+            assert not m.is_mountpoint(handle)
+            m.bind_readonly(other, handle)
+            assert not m.is_bind_of(handle, payload)
+            assert m.is_bind_of(handle, other)
+            m.unmount_bind(handle, payload)  # not payload's bind: left alone
+            assert m.is_bind_of(handle, other)
 
-    def test_target_left_on_a_replaced_tmpfs_is_detected_and_healed(
+    def test_a_bind_left_on_a_replaced_tmpfs_is_not_the_agents_to_unmount(
         self, tmp_path: Path, mounts: list[Path]
     ) -> None:
-        # An agent restart that remounts its tmpfs: the pod's bind still shows the old one.
+        # The tmpfs was replaced under a pod's bind: that bind no longer shows this payload's
+        # inode, so the agent cannot prove it its own and leaves it (issue 8: dev+inode only).
         root, target = tmp_path / "root", tmp_path / "target"
         mounts.extend([root, target])
         m = LinuxMounter()
         m.ensure_tmpfs(root, 1 << 20)
         payload = root / "volumes" / "v" / "data"
         write_payload(payload, {"tls.crt": b"old"}, None)
-        m.bind_readonly(payload, target)
-        subprocess.run(["umount", str(root)], check=True)
-        m.ensure_tmpfs(root, 1 << 20)
-        write_payload(payload, {"tls.crt": b"new"}, None)
+        with at(tmp_path, target) as handle:
+            m.bind_readonly(payload, handle)
+            subprocess.run(["umount", str(root)], check=True)
+            m.ensure_tmpfs(root, 1 << 20)
+            write_payload(payload, {"tls.crt": b"new"}, None)
 
-        assert (target / "tls.crt").read_bytes() == b"old"
-        assert not m.is_bind_of(target, payload)
-        m.unmount(target)
-        m.bind_readonly(payload, target)
-        assert m.is_bind_of(target, payload)
-        assert (target / "tls.crt").read_bytes() == b"new"
+            assert (target / "tls.crt").read_bytes() == b"old"
+            assert not m.is_bind_of(handle, payload)
+            m.unmount_bind(handle, payload)
+            assert len(_entries_at(target)) == 1
+            with pytest.raises(FailedPrecondition, match="another mount"):
+                m.bind_readonly(payload, handle)
 
-    def test_unmount_is_idempotent_and_removes_stacked_mounts(
+    def test_unmount_bind_removes_its_stacked_binds_and_nothing_else(
         self, tmp_path: Path, mounts: list[Path]
     ) -> None:
-        target = tmp_path / "target"
+        source, target = tmp_path / "source", tmp_path / "target"
+        source.mkdir()
         target.mkdir()
         mounts.append(target)
         m = LinuxMounter()
-        m.unmount(target)  # nothing mounted
-        m.unmount(tmp_path / "missing")
-        for i in range(3):
-            _mount("-t", "tmpfs", "-o", "size=64k", f"stack{i}", str(target))
-        assert len(_entries_at(target)) == 3
-        m.unmount(target)
-        assert _entries_at(target) == []
-        assert not m.is_mountpoint(target)
-        assert target.is_dir()  # removing the directory is the caller's job
-        m.unmount(target)
+        with at(tmp_path, target) as handle:
+            m.unmount_bind(handle, source)  # nothing mounted
+            _mount("-t", "tmpfs", "-o", "size=64k", "foreign", str(target))
+            for _ in range(3):
+                _mount("--bind", str(source), str(target))
+            assert len(_entries_at(target)) == 4
+            m.unmount_bind(handle, source)
+            (left,) = _entries_at(target)
+            assert left.fs_type == "tmpfs" and left.source == "foreign"
+            m.unmount_bind(handle, source)
+            assert len(_entries_at(target)) == 1
+            assert m.is_mountpoint(handle)
+        with at(tmp_path, tmp_path / "missing", create=False) as handle:
+            m.unmount_bind(handle, source)
 
-    def test_unmount_detaches_a_busy_mount(self, tmp_path: Path, mounts: list[Path]) -> None:
-        target = tmp_path / "target"
-        target.mkdir()
-        mounts.append(target)
-        _mount("-t", "tmpfs", "-o", "size=64k", "busy", str(target))
-        with open(target / "held-open", "w") as held:
-            m = LinuxMounter()
-            m.unmount(target)
-            assert _entries_at(target) == []
-            held.write("still writable through the open file")
+    def test_unmount_bind_detaches_its_busy_bind(
+        self, tmp_path: Path, mounts: list[Path]
+    ) -> None:
+        root, target = tmp_path / "root", tmp_path / "target"
+        mounts.extend([root, target])
+        m = LinuxMounter()
+        m.ensure_tmpfs(root, 1 << 20)
+        payload = root / "data"
+        write_payload(payload, {"tls.crt": b"c"}, None)
+        with at(tmp_path, target) as handle:
+            m.bind_readonly(payload, handle)
+            with open(target / "tls.crt", "rb") as held:
+                m.unmount_bind(handle, payload)
+                assert _entries_at(target) == []
+                assert held.read() == b"c"
         assert os.listdir(target) == []
 
     def test_paths_with_spaces_and_tabs(self, tmp_path: Path, mounts: list[Path]) -> None:
@@ -330,14 +334,13 @@ class TestLinuxMounter:
         assert len(_entries_at(root)) == 1
         payload = root / "volumes" / "v 1" / "data"
         write_payload(payload, {"tls.crt": b"c"}, None)
-        m.bind_readonly(payload, target)
-        m.bind_readonly(payload, target)
-        (entry,) = _entries_at(target)
-        assert entry.root == "/volumes/v 1/data"
-        assert m.is_mountpoint(target)
-        assert m.is_bind_of(target, payload)
-        assert (target / "tls.crt").read_bytes() == b"c"
-        m.unmount(target)
-        assert not m.is_mountpoint(target)
-        m.unmount(root)
-        assert not m.is_mountpoint(root)
+        with at(tmp_path, target) as handle:
+            m.bind_readonly(payload, handle)
+            m.bind_readonly(payload, handle)
+            (entry,) = _entries_at(target)
+            assert entry.root == "/volumes/v 1/data"
+            assert m.is_mountpoint(handle)
+            assert m.is_bind_of(handle, payload)
+            assert (target / "tls.crt").read_bytes() == b"c"
+            m.unmount_bind(handle, payload)
+            assert not m.is_mountpoint(handle)

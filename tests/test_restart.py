@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import IS_ROOT, REPO, AgentProcess, openssl
+from tests.conftest import IS_ROOT, REPO, AgentProcess, kubelet_target, openssl
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to mount")
 
@@ -45,7 +45,7 @@ def publish(agent: AgentProcess, target: Path, name: str) -> None:
 
 def test_cli_publish_gives_a_verified_certificate(agent_process: object, tmp_path: Path) -> None:
     agent = agent_process()  # type: ignore[operator]
-    target = tmp_path / "pods" / "es-0" / "mount"
+    target = kubelet_target(tmp_path / "kubelet", "es-0")
     publish(agent, target, "es-0")
     assert "OK" in openssl("verify", "-CAfile", str(target / "ca.crt"), str(target / "tls.crt"))
     text = openssl("x509", "-noout", "-ext", "subjectAltName", "-in", str(target / "tls.crt"))
@@ -56,7 +56,7 @@ def test_cli_publish_gives_a_verified_certificate(agent_process: object, tmp_pat
         "--endpoint",
         agent.endpoint,
         "--target",
-        str(tmp_path / "bad" / "mount"),
+        str(kubelet_target(tmp_path / "kubelet", "bad")),
         "--attr",
         "dns-names=under_score.example.com",
     )
@@ -70,7 +70,7 @@ def test_cli_publish_gives_a_verified_certificate(agent_process: object, tmp_pat
 
 def test_restart_keeps_volumes_and_certificates(agent_process: object, tmp_path: Path) -> None:
     first = agent_process()  # type: ignore[operator]
-    targets = [tmp_path / "pods" / f"es-{i}" / "mount" for i in range(3)]
+    targets = [kubelet_target(tmp_path / "kubelet", f"es-{i}") for i in range(3)]
     for i, target in enumerate(targets):
         publish(first, target, f"es-{i}")
     serials = [serial_of(t / "tls.crt") for t in targets]
@@ -90,7 +90,7 @@ def test_restart_keeps_volumes_and_certificates(agent_process: object, tmp_path:
 @needs_root
 def test_restart_heals_a_target_that_lost_its_mount(agent_process: object, tmp_path: Path) -> None:
     first = agent_process()  # type: ignore[operator]
-    target = tmp_path / "pods" / "es-0" / "mount"
+    target = kubelet_target(tmp_path / "kubelet", "es-0")
     publish(first, target, "es-0")
     serial = serial_of(target / "tls.crt")
     first.kill()  # no graceful stop
@@ -106,22 +106,25 @@ def test_restart_heals_a_target_that_lost_its_mount(agent_process: object, tmp_p
 
 
 @needs_root
-def test_restart_replaces_a_stale_bind_mount(agent_process: object, tmp_path: Path) -> None:
+def test_restart_leaves_a_foreign_mount_alone(agent_process: object, tmp_path: Path) -> None:
+    """A mount at the target that is not the payload's bind is never unmounted (issue 8)."""
     first = agent_process()  # type: ignore[operator]
-    target = tmp_path / "pods" / "es-0" / "mount"
+    target = kubelet_target(tmp_path / "kubelet", "es-0")
     publish(first, target, "es-0")
-    serial = serial_of(target / "tls.crt")
     first.kill()
 
-    # What an old driver leaves behind: target bound to something that is not the payload.
+    # Something the agent did not make, mounted at the target while it was down.
     decoy = tmp_path / "decoy"
     decoy.mkdir()
+    (decoy / "not-ours").write_text("x")
     subprocess.run(["umount", str(target)], check=True)
     subprocess.run(["mount", "--bind", str(decoy), str(target)], check=True)
 
     second = agent_process()  # type: ignore[operator]
-    assert serial_of(target / "tls.crt") == serial
-    assert "re-binding a stale mount" in second.stop()
+    assert (target / "not-ours").read_text() == "x"
+    log = second.stop()
+    assert "could not mount a recovered volume" in log and "another mount" in log
+    assert f" {target} " in Path("/proc/self/mountinfo").read_text()
 
 
 def test_make_run_defaults_start_without_flags_beyond_standalone(tmp_path: Path) -> None:
@@ -134,6 +137,10 @@ def test_make_run_defaults_start_without_flags_beyond_standalone(tmp_path: Path)
     assert config.node_id == os.uname().nodename
     assert config.metrics_address == ":9402"
     assert str(config.data_root).startswith("/var/lib/kubelet/plugins/csi.cert-agent.io")
+    assert str(config.kubelet_root) == "/var/lib/kubelet"
+    assert not config.relaxed_target_paths
+    moved = resolve(build_parser().parse_args(["serve", "--standalone", "--kubelet-root", "/k"]), {})
+    assert str(moved.data_root) == "/k/plugins/csi.cert-agent.io/data"
 
 
 def test_a_first_issue_that_never_finished_is_finished_on_start(
@@ -147,7 +154,7 @@ def test_a_first_issue_that_never_finished_is_finished_on_start(
 
     # A first run mounts the payload tmpfs; the unfinished volume is then left inside it.
     agent_process().stop()  # type: ignore[operator]
-    target = tmp_path / "pods" / "es-0" / "mount"
+    target = kubelet_target(tmp_path / "kubelet", "es-0")
     target.parent.mkdir(parents=True)
     volume_id = kubelet_volume_id(str(target.parent), target.name)
     pod = PodIdentity("es-0", "elastic", "0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11", "default")

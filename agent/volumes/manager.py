@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from cryptography import x509
@@ -52,6 +52,7 @@ from agent.spec.attributes import COMPAT_PREFIX, OWN_PREFIX, parse_volume_contex
 from agent.spec.model import CertificateSpec, KeyEncoding, PodInfo
 from agent.volumes.locks import ConcurrencyLimit, KeyedLocks
 from agent.volumes.mounter import Mounter
+from agent.volumes.paths import PathMissing, TargetPolicy, canonical_path
 from agent.volumes.pod_ips import PodIPTracker
 from agent.volumes.scheduler import plan_renewal
 from agent.volumes.store import (
@@ -134,6 +135,7 @@ class VolumeManager:
         min_duration_seconds: int = 0,
         min_renewal_interval_seconds: float = 0.0,
         tmpfs_reserve_bytes: int = 0,
+        target_policy: TargetPolicy | None = None,
     ) -> None:
         self.store = store
         self.mounter = mounter
@@ -144,6 +146,8 @@ class VolumeManager:
         self.lock_timeout_seconds = lock_timeout_seconds
         self.clock = clock
         self.rng = rng or random.Random()
+        # Every target_path from a request passes this before any filesystem call.
+        self.paths = target_policy or TargetPolicy(Path("/var/lib/kubelet"), store.data_root)
         self.scheduler: Scheduler = _NoScheduler()
         # Called after every commit (the CA rotation uses it to learn when it is complete).
         self.on_commit: Callable[[], None] | None = None
@@ -175,7 +179,7 @@ class VolumeManager:
     def publish(self, request: PublishRequest) -> None:
         """Issue (or find) the volume's certificate and make it visible at target_path."""
         validate_volume_id(request.volume_id)
-        target = _validate_target_path(request.target_path, self.store.data_root)
+        target = self.paths.check(request.target_path)
         if not request.readonly:
             raise InvalidArgument(
                 "this driver only serves read-only volumes: set readOnly: true on the csi volume"
@@ -189,7 +193,7 @@ class VolumeManager:
                 self._tokens[request.volume_id] = token
             meta = self.store.load(request.volume_id)
             if meta is not None:
-                self._check_same_arguments(meta, request, context)
+                self._check_same_arguments(meta, request, str(target), context)
                 if meta.state == VolumeState.READY and self._payload_complete(meta, spec):
                     if meta.mode == "mount":
                         self._ensure_mounted(meta)
@@ -254,11 +258,13 @@ class VolumeManager:
 
     def _discard_unserved(self, meta: VolumeMeta) -> None:
         """Forget a volume whose first issue failed: nothing of it stays on disk."""
-        if meta.mode == "direct":
-            _remove_tree(Path(meta.target_path))
-        else:
-            self.mounter.unmount(Path(meta.target_path))
-            _rmdir_if_exists(Path(meta.target_path))
+        try:
+            self._clear_target(meta, self.paths.check(meta.target_path))
+        except AgentError as exc:
+            log.warning(
+                "could not clear the target of a failed publish",
+                extra={"volume_id": meta.volume_id, "error": exc.message},
+            )
         self.store.remove(meta.volume_id)
         self._tokens.pop(meta.volume_id, None)
         self.issuers.forget(meta.volume_id)
@@ -297,10 +303,10 @@ class VolumeManager:
             )
 
     def _check_same_arguments(
-        self, meta: VolumeMeta, request: PublishRequest, context: Mapping[str, str]
+        self, meta: VolumeMeta, request: PublishRequest, target: str, context: Mapping[str, str]
     ) -> None:
         differences = []
-        if meta.target_path != str(Path(request.target_path)):
+        if _canonical_or_raw(meta.target_path) != target:
             differences.append(f"target_path (published at {meta.target_path})")
         if meta.volume_context != dict(context):
             differences.append("volume attributes")
@@ -317,21 +323,29 @@ class VolumeManager:
     # --------------------------------------------------------------------------- unpublish
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
-        """Unmount and remove target_path and forget the volume. Idempotent."""
+        """Unmount this volume's bind, remove its target directory and forget it. Idempotent.
+
+        Only the volume's own bind (by device and inode) is unmounted. A target named with
+        another volume's id is refused; for an unknown volume, at most an empty directory at a
+        valid target is removed.
+        """
         validate_volume_id(volume_id)
-        target = _validate_target_path(target_path, self.store.data_root)
+        target = self.paths.check(target_path)
         with self._locks.hold(volume_id, self.lock_timeout_seconds):
-            self.scheduler.cancel(volume_id)
             meta = self.store.load(volume_id)
-            if meta is not None and meta.target_path != str(target):
-                # Not this volume's target: clean what is there, keep the volume.
-                log.warning(
-                    "unpublish names a target the volume is not published at",
-                    extra={"volume_id": volume_id, "target_path": str(target)},
-                )
-                self._clear_target(target, direct=False)
+            if meta is None:
+                self._remove_empty_target(volume_id, target)
                 return
-            self._clear_target(target, direct=meta is not None and meta.mode == "direct")
+            published_at = _canonical_or_raw(meta.target_path)
+            if published_at != str(target):
+                raise InvalidArgument(
+                    f"volume {volume_id} is published at {published_at}, not at {target}: "
+                    "the volume_id and target_path do not belong together "
+                    "[rule volume-target-pair]",
+                    "target_path",
+                )
+            self.scheduler.cancel(volume_id)
+            self._clear_target(meta, target)
             self.store.remove(volume_id)
             self._tokens.pop(volume_id, None)
             self._renew_before_reported.discard(volume_id)
@@ -340,23 +354,42 @@ class VolumeManager:
             self.pod_ips.forget(volume_id)
             self.metrics.remove_volume(volume_id)
             self.metrics.set_managed_volumes(self.store.count())
-        if meta is not None:
-            log.info("unpublished volume", extra={"volume_id": volume_id})
+        log.info("unpublished volume", extra={"volume_id": volume_id})
 
-    def _clear_target(self, target: Path, *, direct: bool) -> None:
-        self.mounter.unmount(target)
-        if direct:
-            _remove_tree(target)
-            return
+    def _remove_empty_target(self, volume_id: str, target: PurePosixPath) -> None:
+        """An unknown volume: nothing of ours can be there, so touch nothing but an empty dir."""
         try:
-            target.rmdir()
-        except FileNotFoundError:
+            with self.paths.open_target(target, create=False) as handle:
+                if not handle.remove_if_empty():
+                    log.warning(
+                        "unpublish of an unknown volume left its target in place: it is not an "
+                        "empty directory",
+                        extra={"volume_id": volume_id, "target_path": str(target)},
+                    )
+        except PathMissing:
             pass
-        except OSError as exc:
-            raise FailedPrecondition(
-                f"target_path {target} is not empty after unmounting: {exc.strerror}; "
-                "it holds files the agent did not write, so it was left in place"
-            ) from exc
+
+    def _clear_target(self, meta: VolumeMeta, target: PurePosixPath) -> None:
+        """Unmount the volume's own bind at the target and remove the target directory."""
+        try:
+            with self.paths.open_target(target, create=False) as handle:
+                if meta.mode == "direct":
+                    if handle.exists():
+                        _remove_tree(Path(str(target)))
+                    return
+                self.mounter.unmount_bind(handle, self.store.payload_dir(meta.volume_id))
+                if self.mounter.is_mountpoint(handle):
+                    raise FailedPrecondition(
+                        f"target_path {target} still has a mount the agent did not make; "
+                        "it was left in place"
+                    )
+                if not handle.remove_if_empty():
+                    raise FailedPrecondition(
+                        f"target_path {target} is not empty after unmounting: it holds files "
+                        "the agent did not write, so it was left in place"
+                    )
+        except PathMissing:
+            pass
 
     # ----------------------------------------------------------------------------- renewal
 
@@ -427,12 +460,21 @@ class VolumeManager:
             meta = self.store.load(volume_id)
             if meta is None:
                 return
-            target = Path(meta.target_path)
-            if not target.parent.exists():
-                # The pod's volume directory is gone: the pod was deleted while we were down.
+            try:
+                target = self.paths.check(meta.target_path)
+                with self.paths.open_target(target, create=False):
+                    pass
+            except PathMissing:
+                # The pod's volume directory is gone: the pod was deleted while we were down
+                # (a directory with a mount in it cannot be removed, so nothing is mounted).
                 log.info("forgetting volume of a deleted pod", extra={"volume_id": volume_id})
-                self.mounter.unmount(target)
                 self.store.remove(volume_id)
+                return
+            except InvalidArgument as exc:
+                log.error(
+                    "not mounting a volume whose target breaks the path policy",
+                    extra={"volume_id": volume_id, "error": exc.message},
+                )
                 return
             spec, pod = self._parse(meta.volume_context)
             if meta.issuer != spec.issuer.describe():
@@ -441,7 +483,14 @@ class VolumeManager:
                 self.store.save(meta)
             if meta.state == VolumeState.READY and self._payload_complete(meta, spec):
                 if meta.mode == "mount":
-                    self._ensure_mounted(meta)
+                    try:
+                        self._ensure_mounted(meta)
+                    except AgentError as exc:
+                        # Renewals go on; kubelet's next publish retries the mount.
+                        log.error(
+                            "could not mount a recovered volume",
+                            extra={"volume_id": volume_id, "error": exc.message},
+                        )
                 self._publish_metrics(meta, pod)
                 self.trust.attach(volume_id, spec, pod)
                 self.pod_ips.recovered(volume_id, spec, pod, tuple(meta.pod_ips))
@@ -580,6 +629,8 @@ class VolumeManager:
             ca_pem = compose_ca(bundle, issued.ca_pem, include_issuer)
         files = _payload_files(spec, key, issued, ca_pem)
         attempt.step = STORAGE
+        if meta.mode == "direct":
+            self._ensure_target_dir(meta)
         write_payload(self._payload_dir(meta), files, _gid(spec, meta))
         attempt.step = None
         log.debug(
@@ -668,19 +719,23 @@ class VolumeManager:
 
     def _ensure_mounted(self, meta: VolumeMeta) -> None:
         payload = self.store.payload_dir(meta.volume_id)
-        target = Path(meta.target_path)
-        if self.mounter.is_bind_of(target, payload):
-            log.debug("target already tracks its payload", extra={"volume_id": meta.volume_id})
-            return
-        log.debug(
-            "bind-mounting payload read-only",
-            extra={"volume_id": meta.volume_id, "target_path": str(target)},
-        )
-        if target.exists() and self.mounter.is_mountpoint(target):
-            # Mounted, but not from this payload (a stale bind from an earlier agent): replace it.
-            log.warning("re-binding a stale mount", extra={"volume_id": meta.volume_id})
-            self.mounter.unmount(target)
-        self.mounter.bind_readonly(payload, target)
+        target = self.paths.check(meta.target_path)
+        with self.paths.open_target(target, create=True) as handle:
+            if self.mounter.is_bind_of(handle, payload):
+                log.debug("target already tracks its payload", extra={"volume_id": meta.volume_id})
+                return
+            log.debug(
+                "bind-mounting payload read-only",
+                extra={"volume_id": meta.volume_id, "target_path": str(target)},
+            )
+            # A mount there that is not this payload's is refused, never replaced: the agent
+            # unmounts nothing it cannot prove is its own.
+            self.mounter.bind_readonly(payload, handle)
+
+    def _ensure_target_dir(self, meta: VolumeMeta) -> None:
+        """Direct mode: the target directory, made the same safe way as for a bind."""
+        with self.paths.open_target(self.paths.check(meta.target_path), create=True):
+            pass
 
     def local_ca_volumes(self) -> list[VolumeMeta]:
         """Metadata of the volumes the local CA signs (what a CA rotation must reissue)."""
@@ -779,19 +834,12 @@ class VolumeManager:
 # ----------------------------------------------------------------------------- functions
 
 
-def _validate_target_path(target_path: str, data_root: Path) -> Path:
-    if not target_path:
-        raise InvalidArgument("target_path is required")
-    if "\x00" in target_path or not os.path.isabs(target_path):
-        raise InvalidArgument(f"target_path {target_path!r} must be an absolute path")
-    if ".." in Path(target_path).parts:
-        raise InvalidArgument(f"target_path {target_path!r} must not contain '..'")
-    target = Path(os.path.normpath(target_path))
-    if target == Path("/") or target.is_relative_to(data_root) or data_root.is_relative_to(target):
-        raise InvalidArgument(
-            f"target_path {target_path!r} overlaps the agent's data root {data_root}"
-        )
-    return target
+def _canonical_or_raw(path: str) -> str:
+    """A stored target in canonical form (older agents stored it as given)."""
+    try:
+        return str(canonical_path(path))
+    except InvalidArgument:
+        return path
 
 
 def _pick_token(tokens_json: str | None) -> str | None:
@@ -864,15 +912,6 @@ def _check_issued_for_key(issued: IssuedCertificate, key: PrivateKey) -> None:
 
 def _log_fields(meta: VolumeMeta, pod: PodInfo) -> dict[str, object]:
     return {"volume_id": meta.volume_id, "pod": pod.name, "namespace": pod.namespace}
-
-
-def _rmdir_if_exists(path: Path) -> None:
-    try:
-        path.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError:
-        log.warning("could not remove directory", extra={"path": str(path)})
 
 
 def _remove_tree(path: Path) -> None:

@@ -13,14 +13,14 @@ import ctypes.util
 import errno
 import logging
 import os
-import posixpath
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from agent.errors import FailedPrecondition, Internal
+from agent.volumes.paths import TargetDir
 
 log = logging.getLogger(__name__)
 
@@ -131,43 +131,49 @@ def _last_at(mounts: list[MountInfo], mount_point: str) -> MountInfo | None:
     return found
 
 
-def _containing(mounts: list[MountInfo], path: str) -> MountInfo | None:
-    """The topmost mount whose mount point is the longest path prefix of ``path``."""
-    best: MountInfo | None = None
-    for m in mounts:
-        mp = m.mount_point
-        inside = path == mp or mp == "/" or path.startswith(mp + "/")
-        if inside and (best is None or len(mp) >= len(best.mount_point)):
-            best = m
-    return best
-
-
-def expected_bind_root(mounts: list[MountInfo], source: str) -> tuple[int, int, str] | None:
-    """(major, minor, root) a bind mount of the real path ``source`` shows in mountinfo."""
-    host = _containing(mounts, source)
-    if host is None:
-        return None
-    rel = posixpath.relpath(source, host.mount_point)
-    root = posixpath.normpath(posixpath.join(host.root, rel)) if rel != "." else host.root
-    return host.major, host.minor, root
-
-
 class Mounter(Protocol):
     can_mount: bool
 
     def ensure_tmpfs(self, path: Path, size_bytes: int) -> None: ...
 
-    def bind_readonly(self, source: Path, target: Path) -> None: ...
+    def bind_readonly(self, source: Path, target: TargetDir) -> None: ...
 
-    def unmount(self, target: Path) -> None: ...
+    def unmount_bind(self, target: TargetDir, source: Path) -> None: ...
 
-    def is_mountpoint(self, path: Path) -> bool: ...
+    def is_bind_of(self, target: TargetDir, source: Path) -> bool: ...
 
-    def is_bind_of(self, target: Path, source: Path) -> bool: ...
+    def is_mountpoint(self, target: TargetDir) -> bool: ...
+
+
+# The new mount API (Linux 5.2+; mount_setattr 5.12+). The numbers are the same on every
+# architecture (they come after the 424 unification of the syscall tables).
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
 
 
 class _Libc:
-    """mount(2) and umount2(2) via ctypes; errors come back as OSError with errno."""
+    """mount(2), umount2(2) and the new mount API via ctypes; errors are OSError with errno."""
 
     def __init__(self) -> None:
         lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -183,25 +189,66 @@ class _Libc:
         self._umount2 = lib.umount2
         self._umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
         self._umount2.restype = ctypes.c_int
+        self._syscall = lib.syscall
+        self._syscall.restype = ctypes.c_long
+
+    @staticmethod
+    def _check(rc: int) -> int:
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return rc
 
     def mount(
         self, source: str, target: str, fstype: str | None, flags: int, data: str | None
     ) -> None:
-        rc = self._mount(
-            os.fsencode(source),
-            os.fsencode(target),
-            fstype.encode() if fstype else None,
-            flags,
-            data.encode() if data else None,
+        self._check(
+            self._mount(
+                os.fsencode(source),
+                os.fsencode(target),
+                fstype.encode() if fstype else None,
+                flags,
+                data.encode() if data else None,
+            )
         )
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
 
     def umount2(self, target: str, flags: int) -> None:
-        if self._umount2(os.fsencode(target), flags) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        self._check(self._umount2(os.fsencode(target), flags))
+
+    def open_tree(self, path: str, flags: int) -> int:
+        return self._check(
+            self._syscall(
+                ctypes.c_long(SYS_OPEN_TREE),
+                ctypes.c_int(AT_FDCWD),
+                ctypes.c_char_p(os.fsencode(path)),
+                ctypes.c_uint(flags),
+            )
+        )
+
+    def mount_setattr(self, fd: int, attr_set: int) -> None:
+        attr = _MountAttr(attr_set, 0, 0, 0)
+        self._check(
+            self._syscall(
+                ctypes.c_long(SYS_MOUNT_SETATTR),
+                ctypes.c_int(fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_uint(AT_EMPTY_PATH),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            )
+        )
+
+    def move_mount(self, from_fd: int, to_fd: int) -> None:
+        self._check(
+            self._syscall(
+                ctypes.c_long(SYS_MOVE_MOUNT),
+                ctypes.c_int(from_fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_int(to_fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+            )
+        )
 
 
 def _describe(exc: OSError) -> str:
@@ -209,13 +256,37 @@ def _describe(exc: OSError) -> str:
     return f"{exc.strerror} ({name})"
 
 
+def mount_id(fd: int) -> int:
+    """The id of the mount a descriptor lives on (/proc/self/fdinfo; works for O_PATH)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("mnt_id:"):
+                return int(line.split()[1])
+    raise Internal(f"no mnt_id in /proc/self/fdinfo/{fd}")
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 class LinuxMounter:
-    """Real mounts; needs CAP_SYS_ADMIN in the mount namespace kubelet's pods dir lives in."""
+    """Real mounts; needs CAP_SYS_ADMIN in the mount namespace kubelet's pods dir lives in.
+
+    The payload is bound onto a target already read-only: with the new mount API the detached
+    copy made by ``open_tree`` gets ``MOUNT_ATTR_RDONLY`` before ``move_mount`` attaches it, so
+    the copies that shared propagation makes (the host's, with Bidirectional propagation) are
+    read-only from their first instant. A bind followed by a read-only remount would leave those
+    copies writable, because a remount does not propagate. Kernels without the new API bind from
+    a read-only view of the payload tmpfs instead (a bind inherits its source mount's flags).
+    ``mount_api`` forces one way ("new" or "legacy"); "auto" tries the new API first.
+    """
 
     can_mount = True
 
-    def __init__(self) -> None:
+    def __init__(self, mount_api: str = "auto") -> None:
         self._libc = _Libc()
+        self._new_api: bool | None = {"auto": None, "new": True, "legacy": False}[mount_api]
+        self._tmpfs_roots: list[str] = []
 
     def ensure_tmpfs(self, path: Path, size_bytes: int) -> None:
         try:
@@ -223,6 +294,8 @@ class LinuxMounter:
         except OSError as exc:
             raise Internal(f"cannot create tmpfs mount point {path}: {_describe(exc)}") from exc
         real = os.path.realpath(path)
+        if real not in self._tmpfs_roots:
+            self._tmpfs_roots.append(real)
         top = _last_at(read_mountinfo(), real)
         if top is not None and top.fs_type == "tmpfs":
             return
@@ -233,83 +306,148 @@ class LinuxMounter:
             raise Internal(f"cannot mount a tmpfs at {real}: {_describe(exc)}") from exc
         log.info("mounted tmpfs (%d bytes) at %s", size_bytes, real)
 
-    def bind_readonly(self, source: Path, target: Path) -> None:
+    def bind_readonly(self, source: Path, target: TargetDir) -> None:
         src = _real(source)
         if src is None or not os.path.isdir(src):
-            raise Internal(f"cannot bind {source} to {target}: source is not a directory")
-        created = not os.path.lexists(target)
-        try:
-            os.makedirs(target, mode=0o750, exist_ok=True)
-        except OSError as exc:
-            raise Internal(f"cannot create target directory {target}: {_describe(exc)}") from exc
-        dst = os.path.realpath(target)
-        # A directory made just now has nothing mounted on it: skip parsing the mount table,
-        # which costs milliseconds on a node with hundreds of mounts.
-        mounts = [] if created else read_mountinfo()
-        top = _last_at(mounts, dst)
-        if top is not None:
-            if not _matches(top, expected_bind_root(mounts, src)):
-                raise FailedPrecondition(
-                    f"target {dst} already has another mount ({top.fs_type} {top.root}); "
-                    "unmount it before binding the payload"
-                )
-            if top.readonly:
-                return
-        else:
-            try:
-                self._libc.mount(src, dst, None, MS_BIND, None)
-            except OSError as exc:
-                raise Internal(f"cannot bind-mount {src} onto {dst}: {_describe(exc)}") from exc
-        try:
-            self._libc.mount(src, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _SAFE_FLAGS, None)
-        except OSError as exc:
-            # Never leave a writable view of the payload in the pod.
-            with contextlib.suppress(OSError):
-                self._libc.umount2(dst, MNT_DETACH | UMOUNT_NOFOLLOW)
-            raise Internal(f"cannot make bind mount {dst} read-only: {_describe(exc)}") from exc
+            raise Internal(f"cannot bind {source} to {target.raw}: source is not a directory")
+        src_stat = os.stat(src)
+        with target.open() as fd:
+            if fd is None:
+                raise Internal(f"cannot bind onto {target.raw}: it does not exist")
+            if self._is_mount_root(target, fd):
+                if not _same_inode(os.fstat(fd), src_stat):
+                    raise FailedPrecondition(
+                        f"target {target.raw} already has another mount; the agent unmounts "
+                        "only its own binds: unmount it before publishing"
+                    )
+                if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+                    return  # already our read-only bind
+                writable = True
+            else:
+                writable = False
+        if writable:
+            # A writable bind of our payload (an older agent's): replace it.
+            self.unmount_bind(target, source)
+        with target.open() as fd:
+            if fd is None:
+                raise Internal(f"cannot bind onto {target.raw}: it went away")
+            if self._new_api is not False:
+                try:
+                    self._bind_new_api(src, fd)
+                    self._new_api = True
+                except OSError as exc:
+                    if exc.errno != errno.ENOSYS or self._new_api:
+                        raise Internal(
+                            f"cannot bind-mount {src} onto {target.raw}: {_describe(exc)}"
+                        ) from exc
+                    log.info("the kernel has no new mount API: binding from a read-only view")
+                    self._new_api = False
+            if self._new_api is False:
+                self._bind_from_readonly_view(src, fd, target.raw)
+        with target.open() as fd:
+            if fd is None or not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
+                # Never leave a writable view of the payload in the pod.
+                self.unmount_bind(target, source)
+                raise Internal(f"the bind of {src} onto {target.raw} is not read-only")
 
-    def unmount(self, target: Path) -> None:
-        dst = _real(target)
-        if dst is None:
+    def _bind_new_api(self, src: str, target_fd: int) -> None:
+        tree = self._libc.open_tree(src, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_SYMLINK_NOFOLLOW)
+        try:
+            self._libc.mount_setattr(
+                tree, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+            )
+            self._libc.move_mount(tree, target_fd)
+        finally:
+            os.close(tree)
+
+    def _bind_from_readonly_view(self, src: str, target_fd: int, shown: str) -> None:
+        root = next(
+            (r for r in self._tmpfs_roots if src == r or src.startswith(r.rstrip("/") + "/")),
+            None,
+        )
+        if root is None:
+            raise Internal(f"cannot bind {src} read-only: it is not on the agent's tmpfs")
+        view = root + ".ro"
+        self._ensure_readonly_view(root, view)
+        source = view + src[len(root) :]
+        try:
+            self._libc.mount(source, f"/proc/self/fd/{target_fd}", None, MS_BIND, None)
+        except OSError as exc:
+            raise Internal(f"cannot bind-mount {src} onto {shown}: {_describe(exc)}") from exc
+
+    def _ensure_readonly_view(self, root: str, view: str) -> None:
+        """A read-only bind of the payload tmpfs beside it (the legacy source of every bind)."""
+        top = _last_at(read_mountinfo(), view)
+        if top is not None and top.readonly and top.fs_type == "tmpfs":
+            return
+        try:
+            os.makedirs(view, mode=0o700, exist_ok=True)
+            self._libc.mount(root, view, None, MS_BIND, None)
+            self._libc.mount(root, view, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _SAFE_FLAGS, None)
+        except OSError as exc:
+            raise Internal(f"cannot make a read-only view of {root}: {_describe(exc)}") from exc
+
+    def unmount_bind(self, target: TargetDir, source: Path) -> None:
+        """Unmount the binds of ``source`` stacked on top of the target; nothing else, ever.
+
+        Each round checks that the topmost mount at the target is a bind of the source (device
+        and inode of its root against the source's), then unmounts it through the held parent
+        directory with UMOUNT_NOFOLLOW; a busy one is detached through a descriptor of that
+        very mount, so MNT_DETACH never reaches anything but the agent's own bind.
+        """
+        try:
+            src_stat = os.stat(source)
+        except FileNotFoundError:
             return
         for _ in range(_MAX_STACKED):
-            if _last_at(read_mountinfo(), dst) is None:
-                return
+            with target.open() as fd:
+                if fd is None or not self._is_mount_root(target, fd):
+                    return
+                if not _same_inode(os.fstat(fd), src_stat):
+                    return
             try:
-                self._libc.umount2(dst, UMOUNT_NOFOLLOW)
+                self._libc.umount2(target.proc_path, UMOUNT_NOFOLLOW)
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.ENOENT):
-                    return  # not (or no longer) a mount point
+                    return
                 if exc.errno != errno.EBUSY:
-                    raise Internal(f"cannot unmount {dst}: {_describe(exc)}") from exc
-            # Busy (a process in the pod still has a file open): detach it now, the kernel
-            # finishes when the last user goes away.
-            try:
-                self._libc.umount2(dst, MNT_DETACH | UMOUNT_NOFOLLOW)
-            except OSError as exc:
-                raise Internal(f"cannot detach busy mount {dst}: {_describe(exc)}") from exc
-        raise Internal(f"{dst} is still mounted after {_MAX_STACKED} unmounts")
+                    raise Internal(f"cannot unmount {target.raw}: {_describe(exc)}") from exc
+            # Busy (a process in the pod still has a file open): detach this very mount now,
+            # the kernel finishes when the last user goes away.
+            with target.open() as fd:
+                if fd is None or not self._is_mount_root(target, fd):
+                    return
+                if not _same_inode(os.fstat(fd), src_stat):
+                    return
+                try:
+                    self._libc.umount2(f"/proc/self/fd/{fd}", MNT_DETACH)
+                except OSError as exc:
+                    raise Internal(
+                        f"cannot detach busy mount {target.raw}: {_describe(exc)}"
+                    ) from exc
+        raise Internal(f"{target.raw} is still mounted after {_MAX_STACKED} unmounts")
 
-    def is_mountpoint(self, path: Path) -> bool:
-        real = _real(path)
-        return real is not None and _last_at(read_mountinfo(), real) is not None
+    @staticmethod
+    def _is_mount_root(target: TargetDir, fd: int) -> bool:
+        """Whether something is mounted at the target: it lives on another mount than its parent."""
+        return mount_id(fd) != mount_id(target.parent_fd)
 
-    def is_bind_of(self, target: Path, source: Path) -> bool:
-        # Directories cannot be hard-linked, so two paths showing the same (device, inode)
-        # directory means one is a bind mount of the other. A stat is O(1); parsing mountinfo
-        # costs milliseconds once a node holds hundreds of mounts, and recovery asks per volume.
+    def is_mountpoint(self, target: TargetDir) -> bool:
+        with target.open() as fd:
+            return fd is not None and self._is_mount_root(target, fd)
+
+    def is_bind_of(self, target: TargetDir, source: Path) -> bool:
+        # Directories cannot be hard-linked, so a mount at the target whose root is the source's
+        # (device, inode) is a bind of the source.
         try:
-            dst, src = os.stat(target), os.stat(source)
+            src_stat = os.stat(source)
         except OSError:
             return False
-        if os.path.realpath(target) == os.path.realpath(source):
-            return False
-        return (dst.st_dev, dst.st_ino) == (src.st_dev, src.st_ino)
-
-
-def _matches(mount: MountInfo, expected: tuple[int, int, str] | None) -> bool:
-    return expected is not None and (mount.major, mount.minor, mount.root) == expected
+        with target.open() as fd:
+            if fd is None or not self._is_mount_root(target, fd):
+                return False
+            return _same_inode(os.fstat(fd), src_stat)
 
 
 class NoMounter:
@@ -323,19 +461,19 @@ class NoMounter:
             "(run it as root with CAP_SYS_ADMIN)"
         )
 
-    def bind_readonly(self, source: Path, target: Path) -> None:
+    def bind_readonly(self, source: Path, target: TargetDir) -> None:
         raise FailedPrecondition(
-            f"cannot bind {source} onto {target}: the agent has no mount privilege "
+            f"cannot bind {source} onto {target.raw}: the agent has no mount privilege "
             "(run it as root with CAP_SYS_ADMIN)"
         )
 
-    def unmount(self, target: Path) -> None:
+    def unmount_bind(self, target: TargetDir, source: Path) -> None:
         return None
 
-    def is_mountpoint(self, path: Path) -> bool:
+    def is_mountpoint(self, target: TargetDir) -> bool:
         return False
 
-    def is_bind_of(self, target: Path, source: Path) -> bool:
+    def is_bind_of(self, target: TargetDir, source: Path) -> bool:
         return False
 
 

@@ -1,0 +1,262 @@
+"""The one path policy: every target_path from a request passes here before any filesystem call.
+
+Two steps, in this order:
+
+1. ``TargetPolicy.check`` is pure (it never touches the filesystem): it computes the canonical
+   form (``//`` and ``.`` collapsed, trailing ``/`` dropped) and rejects NUL, relative paths,
+   ``..``, paths longer than ``PATH_MAX`` and components longer than ``NAME_MAX``. The canonical
+   path must lie below the kubelet root (``--kubelet-root``) in kubelet's shape
+   ``<kubelet-root>/pods/<uid>/volumes/kubernetes.io~csi/<name>/mount`` (or anywhere below the
+   kubelet root with ``--relaxed-target-paths``) and must not overlap the agent's data root.
+
+2. ``open_target`` reaches the target by an ``openat(2)`` walk: the kubelet root is opened once
+   (it is the operator's configuration, so a symlink *in the configured root itself* is
+   followed), then every component below it is opened with ``O_PATH | O_NOFOLLOW |
+   O_DIRECTORY`` relative to the previous one. That is ``openat2(RESOLVE_BENEATH |
+   RESOLVE_NO_SYMLINKS)`` semantics done by hand (portable to kernels and libcs without
+   openat2): a symlink anywhere below the root fails the walk, and because each step holds a
+   descriptor of the directory it came from, swapping a component for a symlink between the
+   check and the use cannot redirect the agent — the mount, mkdir and rmdir that follow use the
+   descriptors (``/proc/self/fd/N``, ``*at`` calls), never the path string again.
+
+The agent creates only the final ``mount`` directory (kubelet creates its parent) and removes
+only that directory, and only when it is empty.
+
+Every violation is ``INVALID_ARGUMENT`` naming the rule, such as ``[rule no-dotdot]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from agent.errors import Internal, InvalidArgument
+
+# <linux/limits.h>: PATH_MAX counts the terminating NUL; NAME_MAX is per component, in bytes.
+PATH_MAX = 4096
+NAME_MAX = 255
+CSI_PLUGIN_DIR = "kubernetes.io~csi"
+TARGET_DIR_MODE = 0o750
+_SHOWN = 120  # characters of a bad path quoted back in an error message
+
+_WALK_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _show(raw: str) -> str:
+    return repr(raw[:_SHOWN]) + ("..." if len(raw) > _SHOWN else "")
+
+
+class PathMissing(InvalidArgument):
+    """A directory on the way to the target does not exist (rule parent-exists)."""
+
+
+def _violation(raw: str, rule: str, why: str) -> InvalidArgument:
+    cls = PathMissing if rule == "parent-exists" else InvalidArgument
+    return cls(f"target_path {_show(raw)} {why} [rule {rule}]", "target_path")
+
+
+def canonical_path(raw: str) -> PurePosixPath:
+    """The canonical form of an absolute path, computed without touching the filesystem."""
+    if not raw:
+        raise InvalidArgument("target_path is required [rule required]", "target_path")
+    if "\x00" in raw:
+        raise _violation(raw, "no-nul", "contains a NUL byte")
+    if not raw.startswith("/"):
+        raise _violation(raw, "absolute", "must be an absolute path")
+    if len(os.fsencode(raw)) >= PATH_MAX:
+        raise _violation(raw, "path-max", f"is longer than PATH_MAX ({PATH_MAX - 1} bytes)")
+    # Splitting on "/" and dropping empty parts collapses "//" everywhere, including a leading
+    # "//" (which os.path.normpath keeps, POSIX allowing it a special meaning).
+    parts = [part for part in raw.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise _violation(raw, "no-dotdot", "must not contain '..'")
+    for part in parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise _violation(
+                raw, "name-max", f"has a component longer than NAME_MAX ({NAME_MAX} bytes)"
+            )
+    return PurePosixPath("/" + "/".join(parts))
+
+
+def _overlaps(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """Where targets may be: below the kubelet root, in kubelet's shape, clear of the data root."""
+
+    kubelet_root: Path
+    data_root: Path
+    relaxed_shape: bool = False
+    # Spellings of the two roots: as configured and with symlinks resolved (computed once).
+    _roots: tuple[PurePosixPath, ...] = field(init=False, repr=False, compare=False)
+    _data_roots: tuple[PurePosixPath, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        def spellings(path: Path) -> tuple[PurePosixPath, ...]:
+            given = canonical_path(str(Path(path).absolute()))
+            real = PurePosixPath(os.path.realpath(given))
+            return (given,) if real == given else (given, real)
+
+        object.__setattr__(self, "_roots", spellings(self.kubelet_root))
+        object.__setattr__(self, "_data_roots", spellings(self.data_root))
+
+    @property
+    def shape(self) -> str:
+        if self.relaxed_shape:
+            return f"a directory below {self._roots[0]}"
+        return f"{self._roots[0]}/pods/<pod-uid>/volumes/{CSI_PLUGIN_DIR}/<volume-name>/mount"
+
+    def check(self, raw: str) -> PurePosixPath:
+        """The canonical target, or INVALID_ARGUMENT naming the rule it breaks (pure)."""
+        target = canonical_path(raw)
+        relative = self._relative(target)
+        if relative is None:
+            raise _violation(
+                raw, "under-kubelet-root", f"must lie below the kubelet root {self._roots[0]}"
+            )
+        if not self.relaxed_shape:
+            parts = relative.parts
+            if not (
+                len(parts) == 6
+                and parts[0] == "pods"
+                and parts[2] == "volumes"
+                and parts[3] == CSI_PLUGIN_DIR
+                and parts[5] == "mount"
+            ):
+                raise _violation(raw, "kubelet-shape", f"must be {self.shape}")
+        resolved = [root / relative for root in self._roots]
+        for data_root in self._data_roots:
+            if any(_overlaps(path, data_root) for path in (target, *resolved)):
+                raise _violation(
+                    raw, "not-data-root", f"overlaps the agent's data root {self._data_roots[0]}"
+                )
+        return target
+
+    def _relative(self, target: PurePosixPath) -> PurePosixPath | None:
+        for root in self._roots:
+            if target != root and target.is_relative_to(root):
+                return target.relative_to(root)
+        return None
+
+    def relative(self, target: PurePosixPath) -> PurePosixPath:
+        relative = self._relative(target)
+        if relative is None:  # check() ran first; this is a programming error
+            raise Internal(f"{target} is not below the kubelet root")
+        return relative
+
+    @contextlib.contextmanager
+    def open_target(self, target: PurePosixPath, *, create: bool) -> Iterator[TargetDir]:
+        """Walk to ``target`` without following symlinks; yields its parent held open.
+
+        ``create`` makes the final directory when it is missing (the only directory the agent
+        ever creates). The parent must exist: kubelet creates it.
+        """
+        raw = str(target)
+        relative = self.relative(target)
+        try:
+            fd = os.open(self._roots[0], os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _violation(
+                raw, "parent-exists", f"cannot be reached: kubelet root: {exc.strerror}"
+            ) from exc
+        try:
+            for part in relative.parts[:-1]:
+                child = _open_child(fd, part, raw)
+                os.close(fd)
+                fd = child
+            handle = TargetDir(fd, relative.parts[-1], raw)
+            if create:
+                handle.create()
+            yield handle
+        finally:
+            os.close(fd)
+
+
+def _open_child(parent_fd: int, name: str, raw: str) -> int:
+    """Open ``name`` below ``parent_fd`` as a directory, never through a symlink."""
+    try:
+        return os.open(name, _WALK_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise _walk_error(parent_fd, name, raw, exc) from exc
+
+
+def _walk_error(parent_fd: int, name: str, raw: str, exc: OSError) -> InvalidArgument:
+    if exc.errno == errno.ENOENT:
+        return _violation(
+            raw, "parent-exists", f"has a missing directory {name!r} (kubelet creates the parent)"
+        )
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        try:
+            st = os.lstat(name, dir_fd=parent_fd)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return _violation(raw, "no-symlinks", f"passes through a symlink at {name!r}")
+        return _violation(raw, "directories-only", f"passes through a non-directory {name!r}")
+    return _violation(raw, "reachable", f"cannot be opened at {name!r}: {exc.strerror}")
+
+
+@dataclass
+class TargetDir:
+    """The target's parent directory, held open, and the target's name in it."""
+
+    parent_fd: int
+    name: str
+    raw: str
+
+    @property
+    def proc_path(self) -> str:
+        """A path that reaches the target through the held parent: its last step not followed."""
+        return f"/proc/self/fd/{self.parent_fd}/{self.name}"
+
+    def stat(self) -> os.stat_result | None:
+        """lstat of the target (the topmost mount's root if something is mounted there)."""
+        try:
+            return os.lstat(self.name, dir_fd=self.parent_fd)
+        except FileNotFoundError:
+            return None
+
+    def exists(self) -> bool:
+        return self.stat() is not None
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[int | None]:
+        """An O_PATH descriptor of the target directory (None when it does not exist)."""
+        fd: int | None = None
+        try:
+            fd = _open_child(self.parent_fd, self.name, self.raw)
+        except InvalidArgument:
+            if self.exists():
+                raise
+        try:
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def create(self) -> None:
+        try:
+            os.mkdir(self.name, TARGET_DIR_MODE, dir_fd=self.parent_fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise Internal(f"cannot create target directory {self.raw}: {exc.strerror}") from exc
+        with self.open():  # refuses a symlink or a file that was already there
+            pass
+
+    def remove_if_empty(self) -> bool:
+        """rmdir the target if it is an empty directory (never a symlink, never recursive)."""
+        try:
+            os.rmdir(self.name, dir_fd=self.parent_fd)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
