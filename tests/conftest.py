@@ -159,13 +159,21 @@ class RunningAgent:
     """An Agent started in this process, with a real gRPC client on its socket."""
 
     def __init__(
-        self, tmp: Path, clock: Callable[[], float] | None = None, **overrides: object
+        self,
+        tmp: Path,
+        clock: Callable[[], float] | None = None,
+        mounter: object = None,
+        **overrides: object,
     ) -> None:
         from agent.server import Agent
 
         self.tmp = tmp
         self.config = make_config(tmp, **overrides)
-        self.agent = Agent(self.config, clock=clock or time.time)
+        self.agent = Agent(
+            self.config,
+            clock=clock or time.time,
+            mounter=mounter,  # type: ignore[arg-type]
+        )
         self.agent.start()
         self.client = CSIClient(self.config.endpoint, timeout=30)
 

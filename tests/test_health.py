@@ -68,7 +68,13 @@ def test_no_key_material_reaches_the_log_at_debug_level(
     args += ["--attr", "pkcs12-password=hunter2-not-in-logs"]
     subprocess.run([sys.executable, "-m", "agent.cli", *args], check=True, cwd=REPO)
     # A bad publish too: error paths log the request.
-    bad = ["publish", "--endpoint", agent.endpoint, "--target", str(kubelet_target(tmp_path / "kubelet", "bad"))]
+    bad = [
+        "publish",
+        "--endpoint",
+        agent.endpoint,
+        "--target",
+        str(kubelet_target(tmp_path / "kubelet", "bad")),
+    ]
     bad += ["--attr", "dns-names=bad_name", "--attr", "pkcs12-password=hunter2-not-in-logs"]
     subprocess.run([sys.executable, "-m", "agent.cli", *bad], check=False, cwd=REPO)
     first_key = (target / "tls.key").read_bytes()

@@ -307,9 +307,7 @@ class TestLinuxMounter:
         with at(tmp_path, tmp_path / "missing", create=False) as handle:
             m.unmount_bind(handle, source)
 
-    def test_unmount_bind_detaches_its_busy_bind(
-        self, tmp_path: Path, mounts: list[Path]
-    ) -> None:
+    def test_unmount_bind_detaches_its_busy_bind(self, tmp_path: Path, mounts: list[Path]) -> None:
         root, target = tmp_path / "root", tmp_path / "target"
         mounts.extend([root, target])
         m = LinuxMounter()

@@ -139,7 +139,9 @@ def test_make_run_defaults_start_without_flags_beyond_standalone(tmp_path: Path)
     assert str(config.data_root).startswith("/var/lib/kubelet/plugins/csi.cert-agent.io")
     assert str(config.kubelet_root) == "/var/lib/kubelet"
     assert not config.relaxed_target_paths
-    moved = resolve(build_parser().parse_args(["serve", "--standalone", "--kubelet-root", "/k"]), {})
+    moved = resolve(
+        build_parser().parse_args(["serve", "--standalone", "--kubelet-root", "/k"]), {}
+    )
     assert str(moved.data_root) == "/k/plugins/csi.cert-agent.io/data"
 
 

@@ -187,6 +187,9 @@ class VolumeManager:
         context = {k: v for k, v in request.volume_context.items() if k != TOKENS_KEY}
         token = _pick_token(request.volume_context.get(TOKENS_KEY))
         spec, pod = self._parse(context)
+        # The whole walk before anything is written: a symlink or a missing parent fails here.
+        with self.paths.open_target(target, create=False) as handle:
+            handle.check()
 
         with self._locks.hold(request.volume_id, self.lock_timeout_seconds):
             if token:
@@ -360,7 +363,7 @@ class VolumeManager:
         """An unknown volume: nothing of ours can be there, so touch nothing but an empty dir."""
         try:
             with self.paths.open_target(target, create=False) as handle:
-                if not handle.remove_if_empty():
+                if handle.check() and not handle.remove_if_empty():
                     log.warning(
                         "unpublish of an unknown volume left its target in place: it is not an "
                         "empty directory",
@@ -373,8 +376,9 @@ class VolumeManager:
         """Unmount the volume's own bind at the target and remove the target directory."""
         try:
             with self.paths.open_target(target, create=False) as handle:
+                exists = handle.check()
                 if meta.mode == "direct":
-                    if handle.exists():
+                    if exists:
                         _remove_tree(Path(str(target)))
                     return
                 self.mounter.unmount_bind(handle, self.store.payload_dir(meta.volume_id))

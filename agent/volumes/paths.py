@@ -241,6 +241,11 @@ class TargetDir:
             if fd is not None:
                 os.close(fd)
 
+    def check(self) -> bool:
+        """Whether the target exists; INVALID_ARGUMENT when it is a symlink or not a directory."""
+        with self.open() as fd:
+            return fd is not None
+
     def create(self) -> None:
         try:
             os.mkdir(self.name, TARGET_DIR_MODE, dir_fd=self.parent_fd)
