@@ -8,7 +8,7 @@ RUN_DIR ?= $(CURDIR)/run
 ENDPOINT ?= unix://$(RUN_DIR)/csi.sock
 METRICS_ADDRESS ?= 127.0.0.1:9402
 
-.PHONY: venv run test lint proto bench demo image clean
+.PHONY: venv run test soak lint proto bench demo image clean
 
 venv: $(STAMP)
 
@@ -21,19 +21,28 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	mkdir -p $(RUN_DIR)
 	@echo "Starting cert-agent (standalone: self-signed CA, state in $(RUN_DIR)). In another terminal:"
-	@echo "  $(BIN)/cert-agent publish --endpoint $(ENDPOINT) --target $(RUN_DIR)/pods/es-0/tls \\"
+	@echo "  T=$(RUN_DIR)/kubelet/pods/es-0/volumes/kubernetes.io~csi/tls/mount"
+	@echo "  $(BIN)/cert-agent publish --endpoint $(ENDPOINT) --target \$$T \\"
 	@echo "      --pod-name es-0 --pod-namespace elastic --attr 'dns-names=\$${POD_NAME}.\$${POD_NAMESPACE}.svc.cluster.local'"
-	@echo "  openssl verify -CAfile $(RUN_DIR)/pods/es-0/tls/ca.crt -untrusted $(RUN_DIR)/pods/es-0/tls/tls.crt $(RUN_DIR)/pods/es-0/tls/tls.crt"
-	@echo "  $(BIN)/cert-agent unpublish --endpoint $(ENDPOINT) --target $(RUN_DIR)/pods/es-0/tls"
+	@echo "  openssl verify -CAfile \$$T/ca.crt -untrusted \$$T/tls.crt \$$T/tls.crt"
+	@echo "  $(BIN)/cert-agent unpublish --endpoint $(ENDPOINT) --target \$$T"
 	@echo "Metrics: http://$(METRICS_ADDRESS)/metrics   Stop with Ctrl-C."
 	$(BIN)/cert-agent serve --standalone \
 		--endpoint $(ENDPOINT) \
 		--data-root $(RUN_DIR)/data \
+		--kubelet-root $(RUN_DIR)/kubelet \
 		--node-id $$(hostname) \
 		--metrics-address $(METRICS_ADDRESS)
 
 test: $(STAMP)
 	$(BIN)/pytest -q -rs
+
+# The long versions of the crash trials and the property-based path tests (CI runs short ones).
+SOAK_KILLS ?= 90
+SOAK_EXAMPLES ?= 2000
+soak: $(STAMP)
+	CERT_AGENT_CRASH_KILLS=$(SOAK_KILLS) CERT_AGENT_HYPOTHESIS_EXAMPLES=$(SOAK_EXAMPLES) \
+		$(BIN)/pytest -q -s -p no:logging tests/test_crash_trials.py tests/test_target_properties.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

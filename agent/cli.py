@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         "publish", help="mount a certificate volume into a directory, as kubelet would"
     )
     publish.add_argument("--endpoint", default=default_endpoint, help=endpoint_help)
-    publish.add_argument("--target", required=True, help="directory to publish the volume at")
+    publish.add_argument(
+        "--target",
+        required=True,
+        help="directory to publish the volume at: the agent accepts only kubelet's shape, "
+        "<kubelet-root>/pods/<uid>/volumes/kubernetes.io~csi/<name>/mount",
+    )
     publish.add_argument("--pod-name", default="standalone")
     publish.add_argument("--pod-namespace", default="default")
     publish.add_argument(
@@ -94,7 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _target(args: argparse.Namespace) -> Path:
-    return Path(os.path.abspath(args.target))
+    # As kubelet does: the parent is a real directory path (symlinks in the working directory
+    # resolved), since the agent accepts no symlink below its --kubelet-root.
+    target = Path(os.path.abspath(args.target))
+    return Path(os.path.realpath(target.parent)) / target.name
 
 
 def _default_volume_id(target: Path) -> str:

@@ -106,11 +106,17 @@ def main() -> int:
             "10s",
             "--min-renewal-interval",
             "2s",
+            "--kubelet-root",
+            str(work / "kubelet"),
         ],
         stdout=open(work / "agent.log", "wb"),  # noqa: SIM115 - lives as long as the agent
         stderr=subprocess.STDOUT,
     )
-    targets = {pod: work / "pods" / pod / "volumes" / "tls" / "mount" for pod in PODS}
+    # Where kubelet puts each pod's volume (the agent accepts no other shape).
+    targets = {
+        pod: work / "kubelet" / "pods" / pod / "volumes" / "kubernetes.io~csi" / "tls" / "mount"
+        for pod in PODS
+    }
     try:
         _wait_for_socket(work / "csi.sock", agent, work / "agent.log")
         say(f"   serving on {endpoint}, metrics on http://127.0.0.1:{port}/metrics")

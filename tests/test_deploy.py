@@ -498,6 +498,9 @@ def _check_agent_matches_cli(
     assert pods["mountPath"] == volume(ds, "pods-dir")["hostPath"]["path"]
     assert pods["mountPath"] == f"{kubelet_root}/pods"
     assert pods["mountPropagation"] == "Bidirectional"
+    # The agent refuses targets outside its --kubelet-root: it must be kubelet's root.
+    assert str(config.kubelet_root) == kubelet_root
+    assert not config.relaxed_target_paths
     # Data root: where the agent keeps state and mounts its tmpfs, the same path on the host.
     data = mount(agent, "data-dir")
     assert str(config.data_root) == data["mountPath"]

@@ -362,3 +362,11 @@ def test_the_bind_is_read_only_in_every_peer_namespace(
         assert peer.mounts_at(target) == []  # the unmount reached the peer too
     finally:
         peer.stop()
+
+
+@needs_root
+def test_the_test_session_runs_in_a_private_mount_namespace() -> None:
+    """No agent bug in this suite can reach the machine's own mounts (conftest unshares)."""
+    assert os.readlink("/proc/self/ns/mnt") != os.readlink(f"/proc/{os.getppid()}/ns/mnt")
+    for m in read_mountinfo():
+        assert not any(f.startswith(("shared:", "master:")) for f in m.optional_fields), m
