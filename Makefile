@@ -42,7 +42,7 @@ SOAK_KILLS ?= 90
 SOAK_EXAMPLES ?= 2000
 soak: $(STAMP)
 	CERT_AGENT_CRASH_KILLS=$(SOAK_KILLS) CERT_AGENT_HYPOTHESIS_EXAMPLES=$(SOAK_EXAMPLES) \
-		$(BIN)/pytest -q -s -p no:logging tests/test_crash_trials.py tests/test_target_properties.py
+		$(BIN)/pytest -q -s tests/test_crash_trials.py tests/test_target_properties.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
