@@ -251,10 +251,10 @@ class Agent:
         volumes.mkdir(exist_ok=True)
         if self.mounter.can_mount:
             # Keys live in memory only: payloads sit on a tmpfs that no disk ever sees.
-            if not self.mounter.is_mountpoint(volumes):
+            if not self.mounter.is_tmpfs(volumes):
                 # Mounted by this start, so empty: a start that fails takes it away again.
                 # (A tmpfs found mounted holds live volumes and always stays.)
-                self._rollback.append(lambda: self.mounter.unmount(volumes))
+                self._rollback.append(lambda: self.mounter.unmount_tmpfs(volumes))
             self.mounter.ensure_tmpfs(volumes, self.config.tmpfs_size_bytes)
         elif not self.config.standalone:
             raise RuntimeError(
@@ -336,10 +336,10 @@ class Agent:
         assert node_ca is not None
         # The node key lives on a tmpfs of its own: never on a disk, never in a pod volume.
         directory = config.data_root / "node-ca"
-        if self.mounter.can_mount and not self.mounter.is_mountpoint(directory):
+        if self.mounter.can_mount and not self.mounter.is_tmpfs(directory):
             # Mounted by this start: a start that fails takes it away again (a tmpfs found
             # mounted holds the node CA a restart reuses, and stays).
-            self._rollback.append(lambda: self.mounter.unmount(directory))
+            self._rollback.append(lambda: self.mounter.unmount_tmpfs(directory))
         self.mounter.ensure_tmpfs(directory, NODE_CA_TMPFS_BYTES)
         settings = NodeCASettings(
             issuer=IssuerRef(node_ca.issuer_name, node_ca.issuer_kind, node_ca.issuer_group),

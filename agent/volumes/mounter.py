@@ -136,6 +136,10 @@ class Mounter(Protocol):
 
     def ensure_tmpfs(self, path: Path, size_bytes: int) -> None: ...
 
+    def is_tmpfs(self, path: Path) -> bool: ...
+
+    def unmount_tmpfs(self, path: Path) -> None: ...
+
     def bind_readonly(self, source: Path, target: TargetDir) -> None: ...
 
     def unmount_bind(self, target: TargetDir, source: Path) -> None: ...
@@ -287,6 +291,7 @@ class LinuxMounter:
         self._libc = _Libc()
         self._new_api: bool | None = {"auto": None, "new": True, "legacy": False}[mount_api]
         self._tmpfs_roots: list[str] = []
+        self._mounted_tmpfs: dict[str, MountInfo | None] = {}
 
     def ensure_tmpfs(self, path: Path, size_bytes: int) -> None:
         try:
@@ -304,7 +309,28 @@ class LinuxMounter:
             self._libc.mount("tmpfs", real, "tmpfs", _SAFE_FLAGS, opts)
         except OSError as exc:
             raise Internal(f"cannot mount a tmpfs at {real}: {_describe(exc)}") from exc
+        self._mounted_tmpfs[real] = _last_at(read_mountinfo(), real)
         log.info("mounted tmpfs (%d bytes) at %s", size_bytes, real)
+
+    def is_tmpfs(self, path: Path) -> bool:
+        top = _last_at(read_mountinfo(), os.path.realpath(path))
+        return top is not None and top.fs_type == "tmpfs"
+
+    def unmount_tmpfs(self, path: Path) -> None:
+        """Unmount a tmpfs that this mounter mounted at ``path`` (a failed start's undo).
+
+        Only the very mount it made (same mount id on top) is unmounted, never with MNT_DETACH;
+        a tmpfs it found already there holds live volumes and is never touched.
+        """
+        real = os.path.realpath(path)
+        mine = self._mounted_tmpfs.pop(real, None)
+        top = _last_at(read_mountinfo(), real)
+        if mine is None or top is None or top.mount_id != mine.mount_id:
+            return
+        try:
+            self._libc.umount2(real, UMOUNT_NOFOLLOW)
+        except OSError as exc:
+            raise Internal(f"cannot unmount the tmpfs at {real}: {_describe(exc)}") from exc
 
     def bind_readonly(self, source: Path, target: TargetDir) -> None:
         src = _real(source)
@@ -460,6 +486,12 @@ class NoMounter:
             f"cannot mount a tmpfs at {path}: the agent has no mount privilege "
             "(run it as root with CAP_SYS_ADMIN)"
         )
+
+    def is_tmpfs(self, path: Path) -> bool:
+        return False
+
+    def unmount_tmpfs(self, path: Path) -> None:
+        return None
 
     def bind_readonly(self, source: Path, target: TargetDir) -> None:
         raise FailedPrecondition(
