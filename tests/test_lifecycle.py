@@ -46,6 +46,8 @@ def serve_args(tmp: Path, *extra: str, standalone: bool = True) -> list[str]:
         f"127.0.0.1:{free_port()}",
         "--log-format",
         "json",
+        "--kubelet-root",
+        str(tmp / "kubelet"),
         *extra,
     ]
     return args

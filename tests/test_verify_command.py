@@ -41,7 +41,7 @@ def test_documented_verify_command_accepts_a_chain_from_an_intermediate_ca(
     # ...the documented one (README, as written there, and make demo's) succeeds.
     readme = (REPO / "README.md").read_text()
     (shown,) = re.findall(r"^\$ (openssl verify .*)$", readme, re.MULTILINE)
-    command = shown.replace("run/pods/es-0/tls/", f"{volume}/").split()
+    command = shown.replace("$T/", f"{volume}/").split()
     assert run(command).stdout.strip() == f"{volume}/tls.crt: OK"
     assert run(verify_command(volume)).stdout.strip() == f"{volume}/tls.crt: OK"
 
