@@ -298,18 +298,23 @@ class Peer:
     copy of the DaemonSet's pods directory is with Bidirectional propagation)."""
 
     def __init__(self) -> None:
+        # The shell says "ready" from inside the new namespace, then becomes the sleeper.
         self.process = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "unchanged", "sleep", "600"]
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "unchanged",
+                "sh",
+                "-c",
+                "echo ready; exec sleep 600",
+            ],
+            stdout=subprocess.PIPE,
         )
-        own = os.readlink("/proc/self/ns/mnt")
-        for _ in range(1000):  # until unshare has switched namespaces and exec'd sleep
-            try:
-                if os.readlink(f"/proc/{self.process.pid}/ns/mnt") != own:
-                    return
-            except FileNotFoundError:
-                pass
-            os.sched_yield()
-        raise AssertionError("the peer namespace did not come up")
+        assert self.process.stdout is not None
+        if self.process.stdout.readline() != b"ready\n":
+            raise AssertionError("the peer namespace did not come up")
+        assert os.readlink(f"/proc/{self.process.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
 
     def mounts_at(self, path: Path) -> list[tuple[str, ...]]:
         with open(f"/proc/{self.process.pid}/mountinfo") as f:
