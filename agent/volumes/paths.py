@@ -35,20 +35,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from agent.errors import Internal, InvalidArgument
+from agent.errors import Internal, InvalidArgument, shorten
 
 # <linux/limits.h>: PATH_MAX counts the terminating NUL; NAME_MAX is per component, in bytes.
 PATH_MAX = 4096
 NAME_MAX = 255
 CSI_PLUGIN_DIR = "kubernetes.io~csi"
 TARGET_DIR_MODE = 0o750
-_SHOWN = 120  # characters of a bad path quoted back in an error message
 
 _WALK_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _show(raw: str) -> str:
-    return repr(raw[:_SHOWN]) + ("..." if len(raw) > _SHOWN else "")
+    return repr(shorten(raw))
 
 
 class PathMissing(InvalidArgument):
