@@ -968,10 +968,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("7. PodCertificateRequests: watch event to status written", flush=True)
         (tmp / "pcr").mkdir()
         pcr = bench_pcr(tmp / "pcr", *((20, 10) if args.quick else (200, 50)))
-    report = render(info, latency, fleet, time.perf_counter() - started, node_ca, pod_ips, pcr)
     print(f"8. /metrics under 50 concurrent scrapers, {volumes} volumes", flush=True)
     scrapes = bench_scrapes(volumes, clients=50, requests=200 if args.quick else 1000)
-    report = render(info, latency, fleet, time.perf_counter() - started, node_ca, pod_ips, scrapes)
+    elapsed = time.perf_counter() - started
+    report = render(info, latency, fleet, elapsed, node_ca, pod_ips, pcr, scrapes)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
