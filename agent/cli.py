@@ -65,6 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     unpublish.add_argument("--endpoint", default=default_endpoint, help=endpoint_help)
     unpublish.add_argument("--target", required=True)
     unpublish.add_argument("--volume-id", help="default: the id `publish` derived for the target")
+
+    status = commands.add_parser(
+        "status",
+        help="list this node's volumes, soonest expiry first (asks the running agent)",
+        description="One line per volume: pod, issuer, key, serial, expiry, next renewal, state, "
+        "failures. Exit code 1 when a shown certificate is past its renewal time, 2 when the "
+        "agent cannot be reached.",
+    )
+    status.add_argument(
+        "--data-root",
+        default=os.environ.get("CERT_AGENT_DATA_ROOT"),
+        help="the agent's data root [env CERT_AGENT_DATA_ROOT] "
+        "(default /var/lib/kubelet/plugins/<driver-name>/data)",
+    )
+    status.add_argument("--socket", help="the status socket (default <data-root>/status.sock)")
+    status.add_argument("--json", action="store_true", help="print the JSON document")
+    status.add_argument("--pod", help="only volumes of this pod")
+    status.add_argument("--namespace", help="only volumes in this namespace")
     return parser
 
 
@@ -74,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "publish":
         return _publish(args)
+    if args.command == "status":
+        from agent.status_view import run_status
+
+        return run_status(args)
     return _unpublish(args)
 
 

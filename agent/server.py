@@ -27,6 +27,7 @@ from agent.issuers.local import LocalCAIssuer, ca_child_problem
 from agent.issuers.router import IssuerRouter
 from agent.observe.httpserver import HealthServer
 from agent.observe.metrics import AgentMetrics
+from agent.observe.status_socket import STATUS_SOCKET, StatusServer
 from agent.pki.ca import (
     CAProvider,
     StaticCAProvider,
@@ -87,6 +88,8 @@ class Agent:
         self.pcr: Any = None  # agent.issuers.pcr_service.PcrService with --pcr-signer-name
         self.grpc_server: grpc.Server | None = None
         self.health: HealthServer | None = None
+        self.events: Any = None  # agent.kube.events.EventRecorder in cluster mode
+        self.status_server: StatusServer | None = None
 
     # ------------------------------------------------------------------------------ start
 
@@ -187,6 +190,8 @@ class Agent:
             rng=self._rng,
             min_interval=config.min_renewal_interval_seconds,
         )
+        if api is not None:
+            self._start_events(api)
         self.manager.attach_scheduler(self.scheduler)
         self._attach_pod_and_trust_watches(api)
         if self._rotation is not None:
@@ -201,6 +206,9 @@ class Agent:
         # Certificates of an earlier node CA (renewed while the agent was down) move over too.
         self.move_to_node_ca()
         self.scheduler.start()
+        self.status_server = StatusServer(config.data_root / STATUS_SOCKET, self.manager.status)
+        self.status_server.start()
+        self._closers.append(self.status_server.stop)
         self._start_grpc()
         self.interruptible = False
         self._serving = True
@@ -292,6 +300,19 @@ class Agent:
                 burst=self.config.kube_burst,
             )
         )
+
+    def _start_events(self, api: Any) -> None:
+        """Events on pods, written by one background thread; best effort (see kube/events.py)."""
+        from agent.kube.events import EventRecorder
+        from agent.kube.volume_events import KubeVolumeEvents
+
+        recorder = EventRecorder(
+            api, controller=self.config.driver_name, instance=self.config.node_id, clock=self.clock
+        )
+        recorder.start()
+        self._closers.append(recorder.stop)
+        self.events = recorder
+        self.manager.attach_events(KubeVolumeEvents(recorder))
 
     def _ca_provider(self, api: Any, cert_manager: Issuer | None) -> CAProvider:
         config = self.config

@@ -29,6 +29,7 @@ import binascii
 import contextlib
 import copy
 import datetime as dt
+import functools
 import json
 import queue
 import random
@@ -129,6 +130,7 @@ _CORE_VALIDATORS: dict[str, Callable[[Obj], list[tuple[str, str, str]]]] = {
     "configmaps": validate_configmap,
     "clustertrustbundles": validate_cluster_trust_bundle,
 }
+EVENTS = Resource("events.k8s.io", "v1", "events", "Event")
 
 
 # --------------------------------------------------------------------------- validation
@@ -321,6 +323,143 @@ def validate_schema(value: Any, schema: Obj, path: str = "") -> list[Cause]:
     return causes
 
 
+# k8s.io/kubernetes/pkg/apis/core/validation/events.go
+EVENT_NOTE_LIMIT = 1024
+EVENT_FIELD_LIMIT = 128
+_EVENT_IMMUTABLE = (
+    "regarding",
+    "related",
+    "reason",
+    "note",
+    "type",
+    "eventTime",
+    "action",
+    "reportingController",
+    "reportingInstance",
+)
+
+
+def _micro_time_problem(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "must be a MicroTime string"
+    if not re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})", value
+    ):
+        return f'Invalid value: "{value}": must be RFC 3339 with microseconds (MicroTime)'
+    return None
+
+
+@functools.cache
+def _event_validator() -> Any:
+    """The events.k8s.io/v1 Event JSON schema (strict: unknown fields are errors) that
+    kubernetes-validate ships for the newest Kubernetes it knows, compiled once."""
+    import jsonschema
+    import kubernetes_validate
+    from kubernetes_validate.utils import schema_contents
+    from referencing import Registry
+    from referencing import Resource as SchemaResource
+
+    version = kubernetes_validate.latest_version()
+    folder = f"kubernetes-json-schema/v{version}-local-strict"
+    schema = schema_contents(f"{folder}/event-events-v1.json", version)
+    definitions = schema_contents(f"{folder}/_definitions.json", version)
+    registry = SchemaResource.from_contents(definitions) @ (
+        SchemaResource.from_contents(schema) @ Registry()
+    )
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def validate_event_schema(obj: Obj) -> list[Cause]:
+    causes = []
+    for error in _event_validator().iter_errors(obj):
+        where = ".".join(str(p) for p in error.path) or "<root>"
+        causes.append(Cause(where, "FieldValueInvalid", f"Invalid value: {error.message}"))
+    return causes
+
+
+def validate_event_create(obj: Obj, namespace: str) -> list[Cause]:
+    """ValidateEventCreate for the events.k8s.io/v1 API (strict validation of new Events)."""
+    causes = validate_event_schema(obj)
+    if not obj.get("eventTime"):
+        causes.append(Cause("eventTime", "FieldValueRequired", "Required value"))
+    else:
+        problem = _micro_time_problem(obj["eventTime"])
+        if problem:
+            causes.append(Cause("eventTime", "FieldValueInvalid", problem))
+    if obj.get("type") not in ("Normal", "Warning"):
+        causes.append(
+            Cause("type", "FieldValueInvalid", f"has invalid value: {obj.get('type') or ''}")
+        )
+    for deprecated in ("deprecatedFirstTimestamp", "deprecatedLastTimestamp", "deprecatedCount"):
+        if obj.get(deprecated):
+            causes.append(Cause(deprecated, "FieldValueInvalid", "needs to be unset"))
+    regarding = obj.get("regarding") or {}
+    ref_ns = regarding.get("namespace", "")
+    if ref_ns and ref_ns != namespace:
+        causes.append(
+            Cause("regarding.namespace", "FieldValueInvalid", "does not match event.namespace")
+        )
+    if not ref_ns and namespace not in ("default", "kube-system"):
+        causes.append(
+            Cause("regarding.namespace", "FieldValueInvalid", "does not match event.namespace")
+        )
+    controller = obj.get("reportingController") or ""
+    if not controller:
+        causes.append(Cause("reportingController", "FieldValueRequired", "Required value"))
+    elif _qualified_key_problem(controller):
+        causes.append(
+            Cause(
+                "reportingController", "FieldValueInvalid", str(_qualified_key_problem(controller))
+            )
+        )
+    for name in ("reportingInstance", "action", "reason"):
+        value = obj.get(name) or ""
+        if not value:
+            causes.append(Cause(name, "FieldValueRequired", "Required value"))
+        elif len(value) > EVENT_FIELD_LIMIT:
+            causes.append(
+                Cause(name, "FieldValueInvalid", f"can have at most {EVENT_FIELD_LIMIT} characters")
+            )
+    if len((obj.get("note") or "").encode()) > EVENT_NOTE_LIMIT:
+        # Go's len(): bytes, not characters.
+        causes.append(
+            Cause("note", "FieldValueInvalid", f"can have at most {EVENT_NOTE_LIMIT} characters")
+        )
+    causes += _validate_event_series(obj)
+    return causes
+
+
+def _validate_event_series(obj: Obj) -> list[Cause]:
+    series = obj.get("series")
+    if series is None:
+        return []
+    causes = []
+    if not isinstance(series.get("count"), int) or series["count"] < 2:
+        causes.append(Cause("series.count", "FieldValueInvalid", "should be at least 2"))
+    if not series.get("lastObservedTime"):
+        causes.append(Cause("series.lastObservedTime", "FieldValueRequired", "Required value"))
+    elif _micro_time_problem(series["lastObservedTime"]):
+        causes.append(
+            Cause(
+                "series.lastObservedTime",
+                "FieldValueInvalid",
+                str(_micro_time_problem(series["lastObservedTime"])),
+            )
+        )
+    return causes
+
+
+def validate_event_update(new: Obj, old: Obj) -> list[Cause]:
+    """ValidateEventUpdate: the schema, a changed series is valid, everything else immutable."""
+    causes = validate_event_schema(new)
+    if new.get("series") != old.get("series"):
+        causes += _validate_event_series(new)
+    for name in _EVENT_IMMUTABLE:
+        if new.get(name) != old.get(name):
+            causes.append(Cause(name, "FieldValueInvalid", "field is immutable"))
+    return causes
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -504,7 +643,14 @@ class FakeKube:
         self.certificate_requests = load_crd_resource(CERTIFICATE_REQUESTS)
         self.resources = {
             (r.group, r.plural): r
-            for r in (self.certificate_requests, SECRETS, PODS, CONFIGMAPS, CLUSTER_TRUST_BUNDLES)
+            for r in (
+                self.certificate_requests,
+                SECRETS,
+                PODS,
+                CONFIGMAPS,
+                CLUSTER_TRUST_BUNDLES,
+                EVENTS,
+            )
         }
         self.users: dict[str, str] = {AGENT_TOKEN: AGENT_USER}
         # plural -> an object with on_create(res, obj) and on_update(res, old, new, status_only)
@@ -673,6 +819,9 @@ class FakeKube:
     def list_crs(self, namespace: str | None = None) -> list[Obj]:
         return self.list(self.certificate_requests, namespace)
 
+    def list_events(self, namespace: str | None = None) -> list[Obj]:
+        return self.list(EVENTS, namespace)
+
     def create(self, res: Resource, namespace: str, obj: Obj, user: str | None = None) -> Obj:
         obj = copy.deepcopy(obj)
         meta = obj.setdefault("metadata", {})
@@ -721,6 +870,10 @@ class FakeKube:
             self._validate(res, obj)
             if res.plural in self.kind_hooks:  # admission of kinds added by other modules
                 self.kind_hooks[res.plural].on_create(res, obj)
+            if res is EVENTS:
+                causes = validate_event_create(obj, namespace)
+                if causes:
+                    raise invalid(res, name, causes)
             key = (res.group, res.plural, namespace, name)
             if key in self._objects:
                 raise ApiError(
@@ -766,6 +919,10 @@ class FakeKube:
             self._validate(res, new)
             if res.plural in self.kind_hooks:
                 self.kind_hooks[res.plural].on_update(res, current, new, status_only)
+            if res is EVENTS:
+                causes = validate_event_update(new, current)
+                if causes:
+                    raise invalid(res, name, causes)
             return self._commit(res, key, new, "MODIFIED")
 
     def patch_status(self, res: Resource, namespace: str, name: str, patch: Obj) -> Obj:
@@ -1022,6 +1179,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: pytest captures enough
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out as two writes: without this, Nagle's algorithm and the
+        # client's delayed ACK add 40 ms to every response on a kept-alive connection.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
         self._handle("GET")

@@ -19,19 +19,21 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import (
+    Aborted,
     AgentError,
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     IssuanceFailed,
+    PermissionDenied,
     ResourceExhausted,
     shorten,
 )
@@ -50,11 +52,13 @@ from agent.pki.keys import (
 from agent.pki.pkcs12 import build_keystore
 from agent.spec.attributes import COMPAT_PREFIX, OWN_PREFIX, parse_volume_context
 from agent.spec.model import CertificateSpec, KeyEncoding, PodInfo
+from agent.volumes.events import NoEvents, VolumeEvents
 from agent.volumes.locks import ConcurrencyLimit, KeyedLocks
 from agent.volumes.mounter import Mounter
 from agent.volumes.paths import PathMissing, TargetPolicy, canonical_path
 from agent.volumes.pod_ips import PodIPTracker
 from agent.volumes.scheduler import plan_renewal
+from agent.volumes.status import snapshot as status_snapshot
 from agent.volumes.store import (
     VolumeMeta,
     VolumeState,
@@ -70,6 +74,15 @@ log = logging.getLogger(__name__)
 # kubelet passes service-account tokens here when the CSIDriver asks for tokenRequests. They are
 # credentials: kept in memory for the issuer, never written to the metadata.
 TOKENS_KEY = "csi.storage.k8s.io/serviceAccount.tokens"
+
+
+@dataclass
+class RenewalFailures:
+    """Consecutive failed renewals of one volume (memory only; a restart starts afresh)."""
+
+    count: int
+    last_error: str
+    last_failure_at: float
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,9 @@ class VolumeManager:
         self._locks = KeyedLocks()
         # Latest service-account token per volume (memory only; see TOKENS_KEY).
         self._tokens: dict[str, str] = {}
+        # What the pod's owner hears about (Kubernetes Events in cluster mode).
+        self.events: VolumeEvents = NoEvents()
+        self._failures: dict[str, RenewalFailures] = {}
         # ${POD_IP} SANs (the server attaches the pod watch) and trust bundles in ca.crt.
         self.pod_ips = PodIPTracker(metrics)
         self.pod_ips.reissue = lambda volume_id: self.scheduler.schedule(volume_id, 0.0)
@@ -174,10 +190,48 @@ class VolumeManager:
     def attach_scheduler(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
 
+    def attach_events(self, events: VolumeEvents) -> None:
+        self.events = events
+
+    def status(self) -> dict[str, Any]:
+        """Every volume's state for `cert-agent status` (no key material, no passwords)."""
+        due_time = getattr(self.scheduler, "due_time", None)
+        return status_snapshot(
+            self.store.metas(),
+            self.renewal_failures(),
+            due_time if due_time is not None else lambda _volume_id: None,
+            self.clock(),
+            self.node_id,
+        )
+
+    def renewal_failures(self) -> dict[str, RenewalFailures]:
+        """A copy of the consecutive renewal failures per volume (for `cert-agent status`)."""
+        return {
+            k: RenewalFailures(v.count, v.last_error, v.last_failure_at)
+            for k, v in list(self._failures.items())
+        }
+
     # ----------------------------------------------------------------------------- publish
 
     def publish(self, request: PublishRequest) -> None:
         """Issue (or find) the volume's certificate and make it visible at target_path."""
+        try:
+            self._publish(request)
+        except (Aborted, AlreadyExists):
+            raise  # a retry in flight or a changed pod spec: kubelet's own event says enough
+        except AgentError as exc:
+            pod = _pod_of(request.volume_context)
+            if pod is not None:
+                self._notify_issue_failed(pod, exc)
+            raise
+
+    def _notify_issue_failed(self, pod: PodInfo, exc: AgentError) -> None:
+        if isinstance(exc, PermissionDenied):
+            self.events.policy_denied(pod, exc.message)
+        else:
+            self.events.issue_failed(pod, exc.code, exc.message)
+
+    def _publish(self, request: PublishRequest) -> None:
         validate_volume_id(request.volume_id)
         target = self.paths.check(request.target_path)
         if not request.readonly:
@@ -352,6 +406,7 @@ class VolumeManager:
             self.store.remove(volume_id)
             self._tokens.pop(volume_id, None)
             self._renew_before_reported.discard(volume_id)
+            self._failures.pop(volume_id, None)
             self.issuers.forget(volume_id)
             self.trust.release(volume_id)
             self.pod_ips.forget(volume_id)
@@ -399,6 +454,55 @@ class VolumeManager:
 
     def renew(self, volume_id: str) -> float | None:
         """Scheduler callback: renew (or finish) a volume; returns its next due time or None."""
+        try:
+            next_due = self._renew(volume_id)
+        except Exception as exc:
+            self._renewal_failed(volume_id, exc)
+            raise
+        failures = self._failures.pop(volume_id, None)
+        if failures is not None and next_due is not None:
+            self._renewal_recovered(volume_id, failures.count)
+        return next_due
+
+    def _renewal_failed(self, volume_id: str, exc: Exception) -> None:
+        """Count the failure and tell the pod's owner (best effort: never raises)."""
+        try:
+            message = exc.message if isinstance(exc, AgentError) else f"internal error: {exc}"
+            meta = self.store.load(volume_id)
+            if meta is None:
+                self._failures.pop(volume_id, None)
+                return
+            now = self.clock()
+            previous = self._failures.get(volume_id)
+            count = 1 if previous is None else previous.count + 1
+            self._failures[volume_id] = RenewalFailures(count, message, now)
+            pod = _pod_of(meta.volume_context)
+            if pod is None:
+                return
+            if meta.state != VolumeState.READY:
+                if isinstance(exc, AgentError):
+                    self._notify_issue_failed(pod, exc)
+                return
+            if isinstance(exc, PermissionDenied):
+                self.events.policy_denied(pod, message)
+            else:
+                self.events.renewal_failed(pod, message, count)
+            window = renew_before_window_start(meta)
+            if window is not None and meta.not_after is not None and now >= window:
+                self.events.expiring(pod, meta.not_after, window, message)
+        except Exception:
+            log.exception("could not record a renewal failure", extra={"volume_id": volume_id})
+
+    def _renewal_recovered(self, volume_id: str, failures: int) -> None:
+        try:
+            meta = self.store.load(volume_id)
+            pod = None if meta is None else _pod_of(meta.volume_context)
+            if meta is not None and pod is not None and meta.not_after is not None:
+                self.events.renewal_recovered(pod, failures, meta.serial or "", meta.not_after)
+        except Exception:
+            log.exception("could not record a renewal recovery", extra={"volume_id": volume_id})
+
+    def _renew(self, volume_id: str) -> float | None:
         with self._attempt("renew") as attempt:
             with self._locks.hold(volume_id):
                 meta = self.store.load(volume_id)
@@ -860,6 +964,33 @@ def _pick_token(tokens_json: str | None) -> str | None:
         if isinstance(entry, dict) and isinstance(entry.get("token"), str):
             return str(entry["token"])
     return None
+
+
+def _pod_of(volume_context: Mapping[str, str]) -> PodInfo | None:
+    """The pod kubelet named in the volume context, even when other attributes are invalid."""
+    name = volume_context.get("csi.storage.k8s.io/pod.name")
+    namespace = volume_context.get("csi.storage.k8s.io/pod.namespace")
+    if not name or not namespace:
+        return None
+    return PodInfo(
+        name=name,
+        namespace=namespace,
+        uid=volume_context.get("csi.storage.k8s.io/pod.uid", ""),
+        service_account=volume_context.get("csi.storage.k8s.io/serviceAccount.name", ""),
+    )
+
+
+def renew_before_window_start(meta: VolumeMeta) -> float | None:
+    """When the volume's renew-before window opened (notAfter - renew-before), or None."""
+    if meta.not_before is None or meta.not_after is None:
+        return None
+    try:
+        spec, _pod = parse_volume_context(meta.volume_context)
+    except AgentError:
+        return None
+    lifetime = meta.not_after - meta.not_before
+    before = lifetime / 3 if spec.renew_before_seconds is None else spec.renew_before_seconds
+    return meta.not_after - before
 
 
 def _gid(spec: CertificateSpec, meta: VolumeMeta) -> int | None:

@@ -1,0 +1,105 @@
+"""The read-only status endpoint: a UNIX socket under the data root that `cert-agent status` reads.
+
+A client connects and receives one JSON document, then the connection closes. The server never
+reads from the socket, so there is no request to parse and nothing a client can change. The
+socket is 0600 in the 0700 data root: only root on the node (the agent's own user) reaches it,
+and it is not on any network (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+STATUS_SOCKET = "status.sock"
+Snapshot = Callable[[], dict[str, Any]]
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        try:
+            document = self.server.snapshot()
+            body = json.dumps(document, sort_keys=True).encode() + b"\n"
+        except Exception as exc:
+            log.exception("status snapshot failed")
+            body = json.dumps({"error": f"status snapshot failed: {exc}"}).encode() + b"\n"
+        with contextlib.suppress(OSError):
+            self.request.sendall(body)
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        super().__init__(path, _Handler)
+
+    def server_bind(self) -> None:
+        # Created 0600 from the start: no window in which another user could connect.
+        old = os.umask(0o177)
+        try:
+            super().server_bind()
+        finally:
+            os.umask(old)
+        os.chmod(str(self.server_address), 0o600)
+
+
+class StatusServer:
+    """Serves ``snapshot()`` as JSON on the UNIX socket ``path``."""
+
+    def __init__(self, path: Path, snapshot: Snapshot) -> None:
+        self.path = path
+        self._snapshot = snapshot
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # a stale socket of an earlier agent
+        self._server = _Server(str(self.path), self._snapshot)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="cert-agent-status", daemon=True
+        )
+        self._thread.start()
+        log.debug("serving status", extra={"path": str(self.path)})
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def read_status(path: Path, timeout: float = 10.0) -> dict[str, Any]:
+    """Connect to the agent's status socket and return its document (raises OSError/ValueError)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    document = json.loads(b"".join(chunks))
+    if not isinstance(document, dict):
+        raise ValueError("the status socket answered something other than a JSON object")
+    return document
