@@ -81,10 +81,16 @@ def _row(volume: dict[str, Any], now: float) -> tuple[str, ...]:
     not_after = volume.get("not_after")
     left = "" if not_after is None else f"{_when(not_after)} ({duration(not_after - now)})"
     next_renewal = volume.get("next_renewal")
-    if next_renewal is None:
+    renewal_time = volume.get("renewal_time")
+    if volume.get("past_renewal") and renewal_time is not None:
+        retry = ""
+        if next_renewal is not None and next_renewal > now:
+            retry = f", retry in {duration(next_renewal - now)}"
+        renew = f"{_when(renewal_time)} (overdue{retry})"
+    elif next_renewal is None:
         renew = ""
     elif next_renewal <= now:
-        renew = f"{_when(next_renewal)} (overdue)"
+        renew = f"{_when(next_renewal)} (due)"
     else:
         renew = f"{_when(next_renewal)} (in {duration(next_renewal - now)})"
     error = " ".join(str(volume.get("last_error") or "").split())

@@ -234,7 +234,18 @@ def test_csidriver_is_an_ephemeral_node_only_driver(base: list[Doc], overlay: li
         assert spec["requiresRepublish"] is False
 
 
-def test_rbac_grants_only_what_the_issuers_need(base: list[Doc]) -> None:
+def cluster_role_grants(docs: list[Doc]) -> set[tuple[str, str, str]]:
+    rules = find(docs, "ClusterRole", "cert-agent")["rules"]
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_rbac_grants_only_what_the_issuers_and_events_need(base: list[Doc]) -> None:
     rules = find(base, "ClusterRole", "cert-agent")["rules"]
     granted = {
         (group, resource, verb)
@@ -245,7 +256,8 @@ def test_rbac_grants_only_what_the_issuers_need(base: list[Doc]) -> None:
     }
     cr = {("cert-manager.io", "certificaterequests", v) for v in ("create", "get", "list")}
     cr |= {("cert-manager.io", "certificaterequests", v) for v in ("watch", "delete")}
-    assert granted == cr
+    events = {("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch")}
+    assert granted == cr | events
     assert not any("resourceNames" in rule for rule in rules)
 
     # The CA Secret: read-only, one name, in the agent's namespace, and the one --ca-secret names.
@@ -896,3 +908,46 @@ def test_pod_certificates_component_grants_exactly_the_signers_needs(tmp_path: P
         kv.validate(doc, "1.37.0", strict=True)
     # The base alone grants none of it.
     assert all("podcertificaterequests" not in yaml.safe_dump(d) for d in render(DEPLOY))
+
+
+def test_rbac_covers_every_request_the_event_recorder_makes(
+    base: list[Doc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drift: drive the real recorder against the fake API server through every path it has
+    (create, patch of a series, a patch that finds the Event gone and re-creates it) and hold
+    each request's verb against the rendered ClusterRole."""
+    from agent.kube.client import KubeSettings, make_api_client
+    from agent.kube.events import EventRecorder
+    from agent.kube.volume_events import KubeVolumeEvents
+    from tests.fakekube import EVENTS, FakeKube
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    verbs = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+    class Pod:
+        name, namespace, uid = "web-0", "web", "5f0c9a52-5f1e-4f8e-9a53-1b6f7c2d3e4f"
+
+    with FakeKube() as fake:
+        kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+        api = make_api_client(KubeSettings(kubeconfig=str(kubeconfig)))
+        recorder = EventRecorder(api, controller="csi.cert-agent.io", instance="node-1")
+        events = KubeVolumeEvents(recorder)
+        events.renewal_failed(Pod(), "down", 1)
+        events.renewal_failed(Pod(), "down", 2)
+        recorder.drain()
+        (event,) = fake.list_events("web")
+        fake.delete(EVENTS, "web", event["metadata"]["name"])
+        events.renewal_failed(Pod(), "down", 3)
+        recorder.drain()
+        assert recorder.stats.failed == 0, recorder.stats.last_error
+        used = {
+            (
+                "events.k8s.io",
+                "events",
+                verbs.get(r.method) or ("watch" if r.query.get("watch") else "get"),
+            )
+            for r in fake.requests
+        }
+        api.close()
+    assert used == {("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch")}
+    assert used <= cluster_role_grants(base)

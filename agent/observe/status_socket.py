@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import socketserver
 import threading
 from collections.abc import Callable
@@ -36,6 +37,13 @@ class _Handler(socketserver.BaseRequestHandler):
             body = json.dumps({"error": f"status snapshot failed: {exc}"}).encode() + b"\n"
         with contextlib.suppress(OSError):
             self.request.sendall(body)
+            # Closing with unread bytes resets the connection before the client has read the
+            # answer: end our side, then discard (never interpret) whatever the client sent.
+            self.request.shutdown(socket.SHUT_WR)
+            self.request.settimeout(1.0)
+            for _ in range(16):
+                if not self.request.recv(4096):
+                    break
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):
@@ -88,11 +96,10 @@ class StatusServer:
 
 def read_status(path: Path, timeout: float = 10.0) -> dict[str, Any]:
     """Connect to the agent's status socket and return its document (raises OSError/ValueError)."""
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
+        sock.shutdown(socket.SHUT_WR)  # nothing to say: the server only talks
         chunks = []
         while True:
             chunk = sock.recv(65536)

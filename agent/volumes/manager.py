@@ -220,10 +220,19 @@ class VolumeManager:
         except (Aborted, AlreadyExists):
             raise  # a retry in flight or a changed pod spec: kubelet's own event says enough
         except AgentError as exc:
+            if isinstance(exc, DeadlineExceeded):
+                # The volume stays (issuing) for kubelet's retry: `cert-agent status` shows why.
+                self._count_failure(request.volume_id, exc.message)
             pod = _pod_of(request.volume_context)
             if pod is not None:
                 self._notify_issue_failed(pod, exc)
             raise
+
+    def _count_failure(self, volume_id: str, message: str) -> int:
+        previous = self._failures.get(volume_id)
+        count = 1 if previous is None else previous.count + 1
+        self._failures[volume_id] = RenewalFailures(count, message, self.clock())
+        return count
 
     def _notify_issue_failed(self, pod: PodInfo, exc: AgentError) -> None:
         if isinstance(exc, PermissionDenied):
@@ -308,6 +317,7 @@ class VolumeManager:
             log.exception("publishing failed", extra=_log_fields(meta, pod))
             self._discard_unserved(meta)
             raise
+        self._failures.pop(meta.volume_id, None)  # a pending first issue finished
         log.info(
             "published volume",
             extra={**_log_fields(meta, pod), "serial": meta.serial, "not_after": meta.not_after},
@@ -324,6 +334,7 @@ class VolumeManager:
             )
         self.store.remove(meta.volume_id)
         self._tokens.pop(meta.volume_id, None)
+        self._failures.pop(meta.volume_id, None)
         self.issuers.forget(meta.volume_id)
         self.trust.release(meta.volume_id)
         self.pod_ips.forget(meta.volume_id)
@@ -473,9 +484,7 @@ class VolumeManager:
                 self._failures.pop(volume_id, None)
                 return
             now = self.clock()
-            previous = self._failures.get(volume_id)
-            count = 1 if previous is None else previous.count + 1
-            self._failures[volume_id] = RenewalFailures(count, message, now)
+            count = self._count_failure(volume_id, message)
             pod = _pod_of(meta.volume_context)
             if pod is None:
                 return

@@ -84,7 +84,6 @@ def volume_status(
         "state": state,
         "consecutive_failures": count,
         "last_error": "" if failures is None else str(failures.last_error),
-        "pending_request": meta.pending_request,
     }
 
 
