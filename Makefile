@@ -8,7 +8,7 @@ RUN_DIR ?= $(CURDIR)/run
 ENDPOINT ?= unix://$(RUN_DIR)/csi.sock
 METRICS_ADDRESS ?= 127.0.0.1:9402
 
-.PHONY: venv run test soak lint proto bench demo image clean
+.PHONY: venv run test soak lint proto bench demo image clean dashboard
 
 venv: $(STAMP)
 
@@ -51,6 +51,9 @@ lint: $(STAMP)
 
 proto: $(STAMP)
 	PYTHON=$(BIN)/python proto/generate.sh
+
+dashboard: $(STAMP)
+	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/cert-agent.json
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench_agent --output docs/benchmarks.md
