@@ -206,9 +206,7 @@ class Agent:
         # Certificates of an earlier node CA (renewed while the agent was down) move over too.
         self.move_to_node_ca()
         self.scheduler.start()
-        self.status_server = StatusServer(config.data_root / STATUS_SOCKET, self.manager.status)
-        self.status_server.start()
-        self._closers.append(self.status_server.stop)
+        self._start_status()
         self._start_grpc()
         self.interruptible = False
         self._serving = True
@@ -300,6 +298,17 @@ class Agent:
                 burst=self.config.kube_burst,
             )
         )
+
+    def _start_status(self) -> None:
+        """The read-only socket `cert-agent status` reads; without it the agent still serves."""
+        status = StatusServer(self.config.data_root / STATUS_SOCKET, self.manager.status)
+        try:
+            status.start()
+        except OSError as exc:  # e.g. a data root path too long for a UNIX socket (108 bytes)
+            log.error("cannot serve `cert-agent status`", extra={"error": str(exc)})
+            return
+        self.status_server = status
+        self._closers.append(status.stop)
 
     def _start_events(self, api: Any) -> None:
         """Events on pods, written by one background thread; best effort (see kube/events.py)."""
