@@ -7,6 +7,10 @@ client, configured from a kubeconfig file, talks to it unchanged) for:
   ``/api/v1/namespaces/{ns}/secrets``: create (``generateName`` too), get, list and watch
   (``labelSelector``, ``fieldSelector``, ``resourceVersion``, ``timeoutSeconds``), delete, update,
   and ``/status`` update and merge-patch;
+- ``/apis/events.k8s.io/v1/namespaces/{ns}/events``: create and merge-patch, validated against
+  the Event's OpenAPI schema shipped by kubernetes-validate (strict) plus the API server's own
+  ValidateEventCreate/Update rules (eventTime, reportingController/Instance, action, reason, type,
+  the 1 KiB note, series, immutable fields), so a malformed Event gets the real 422;
 - ``/api``, ``/apis`` and ``/version`` discovery, minimal;
 - Status objects in the real shape for 401/403/404/409/410/422/429/500.
 
