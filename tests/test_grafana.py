@@ -22,7 +22,10 @@ import grpc
 import pytest
 import yaml
 
+from agent.config import NodeCAConfig
+from agent.pki.name_constraints import PermittedNames
 from tests.conftest import REPO, RunningAgent, free_port
+from tests.fakekube import FakeKube, FakeSigner
 from tests.test_deploy import render
 
 GRAFANA = REPO / "deploy" / "grafana"
@@ -106,6 +109,8 @@ def test_the_dashboard_fits_the_sdks_dashboard_model() -> None:
         "gRPC errors by method",
         "Managed volumes per node",
         "CA expires",
+        "Node CA expires in, per node",
+        "Node CA requests by outcome",
     ):
         assert wanted in titles
 
@@ -196,8 +201,41 @@ def test_every_panel_query_returns_data_from_a_real_agent(
         check_every_panel(agent, prometheus)
 
 
+@pytest.mark.prometheus
+def test_node_ca_panels_return_data_from_a_node_ca_agent(
+    agent_factory: Any,
+    fake: FakeKube,
+    signer: FakeSigner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if PROMETHEUS is None:
+        pytest.skip("needs the prometheus server (Debian package)")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    agent: RunningAgent = agent_factory(
+        standalone=False,
+        kubeconfig=str(fake.write_kubeconfig(tmp_path / "kubeconfig")),
+        node_ca=NodeCAConfig(
+            issuer_name="ca-cluster-issuer",
+            issuer_kind="ClusterIssuer",
+            namespace="cert-agent",
+            permitted=PermittedNames.parse(dns=["svc.cluster.local"], uri_hosts=[]),
+        ),
+        pod_name="cert-agent-x7k2p",
+        pod_uid="7d3c4b2a-1e0f-4a9b-8c7d-6e5f4a3b2c1d",
+        pod_namespace="cert-agent",
+    )
+    assert agent.agent.health is not None
+    agent.agent.node_ca.wait_for_attempts(1)
+    with running_prometheus(tmp_path, agent.agent.health.port) as prometheus:
+        wait_for(prometheus, 'cert_agent_node_ca_requests_total{outcome="issued"} == 1')
+        wait_for(prometheus, "count_over_time(cert_agent_node_ca_requests_total[1m]) >= 2")
+        node_ca = [(title, expr) for title, expr in targets(dashboard()) if "node_ca" in expr]
+        assert len(node_ca) == 2
+        assert_data(prometheus, node_ca)
+
+
 def check_every_panel(agent: RunningAgent, prometheus: str) -> None:
-    start = time.time()
     wait_for(prometheus, "cert_agent_managed_volumes == 0")
 
     def refused(name: str) -> None:
@@ -229,8 +267,16 @@ def check_every_panel(agent: RunningAgent, prometheus: str) -> None:
     wait_for(prometheus, "cert_agent_managed_volumes == 2")
 
     board = dashboard()
+    local = [(title, expr) for title, expr in targets(board) if "node_ca" not in expr]
+    assert len(local) >= 12
+    assert_data(prometheus, local)
+
+
+def assert_data(prometheus: str, queries: list[tuple[str, str]]) -> None:
+    """Each query, as Grafana would run it over the recent past, has a non-NaN value."""
+    start = time.time() - 120
     empty = []
-    for title, expr in targets(board):
+    for title, expr in queries:
         promql = expr.replace("$__rate_interval", RATE_INTERVAL)
         # Evaluated every second up to now (end - k * step): the last point follows the
         # last sample, so rate() over it sees the increases the steps above made.
@@ -239,7 +285,7 @@ def check_every_panel(agent: RunningAgent, prometheus: str) -> None:
             prometheus,
             "query_range",
             query=promql,
-            start=f"{end - (end - start) // 1 - 1:.3f}",
+            start=f"{end - (end - start) // 1:.3f}",
             end=f"{end:.3f}",
             step="1",
         )
@@ -247,4 +293,3 @@ def check_every_panel(agent: RunningAgent, prometheus: str) -> None:
         if not any(not math.isnan(v) for v in values):
             empty.append(f"{title}: {promql}")
     assert empty == [], "\n".join(empty)
-    assert len(targets(board)) >= 12

@@ -178,6 +178,40 @@ def build() -> Dashboard:
             .height(8)
             .span(12)
         )
+        .with_panel(
+            bargauge.Panel()
+            .title("Node CA expires in, per node")
+            .description(
+                "Node CA mode only: time left on each node's intermediate CA (empty otherwise). "
+                "It renews ahead; a value that keeps falling means its renewals fail."
+            )
+            .datasource(DATASOURCE)
+            .with_target(
+                query(
+                    "min by (node) (cert_agent_node_ca_expiry_timestamp_seconds > 0) - time()",
+                    "{{node}}",
+                )
+            )
+            .unit("s")
+            .thresholds(days_thresholds())
+            .height(8)
+            .span(12)
+        )
+        .with_panel(
+            timeseries.Panel()
+            .title("Node CA requests by outcome")
+            .description("Node CA mode only: node CA requests, issued or the failure reason.")
+            .datasource(DATASOURCE)
+            .with_target(
+                query(
+                    "sum by (outcome) (increase(cert_agent_node_ca_requests_total"
+                    "[$__rate_interval]))",
+                    "{{outcome}}",
+                )
+            )
+            .height(8)
+            .span(12)
+        )
         .with_row(Row("Issuance"))
         .with_panel(
             timeseries.Panel()
