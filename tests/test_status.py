@@ -245,3 +245,54 @@ def test_serials_and_durations_print_as_operators_expect() -> None:
     assert duration(90 * 86400 + 3 * 3600 + 59) == "90d 3h"
     assert duration(3 * 3600 + 120) == "3h 02m"
     assert duration(-65) == "-1m 05s"
+
+
+def test_every_state_from_the_metadata_and_the_failure_count() -> None:
+    """The state logic on its own, with a fixed now: renewing and expired need hours to reach
+    for real, so they are checked here (the agent tests above cover the others end to end)."""
+    from agent.volumes.manager import RenewalFailures
+    from agent.volumes.status import volume_status
+    from agent.volumes.store import VolumeMeta, VolumeState
+
+    now = 1_900_000_000.0
+
+    def meta(state: VolumeState, not_after: float | None, renewal: float | None) -> VolumeMeta:
+        return VolumeMeta(
+            volume_id="csi-1",
+            target_path="/t",
+            volume_context={
+                "csi.storage.k8s.io/pod.name": "p",
+                "csi.storage.k8s.io/pod.namespace": "n",
+                "csi.storage.k8s.io/pod.uid": "u",
+                "csi.storage.k8s.io/serviceAccount.name": "default",
+                "csi.storage.k8s.io/ephemeral": "true",
+                "csi.cert-agent.io/dns-names": "p.n.svc",
+                "csi.cert-agent.io/key-algorithm": "Ed25519",
+            },
+            readonly=True,
+            volume_mount_group=None,
+            node_id="node-1",
+            state=state,
+            serial="0a" if not_after else None,
+            not_before=None if not_after is None else not_after - 3000,
+            not_after=not_after,
+            next_renewal=renewal,
+        )
+
+    failing = RenewalFailures(3, "issuer down", now - 5)
+    cases = [
+        (meta(VolumeState.ISSUING, None, None), None, None, "issuing", False),
+        (meta(VolumeState.READY, now + 3000, now + 1000), None, None, "ready", False),
+        (meta(VolumeState.READY, now + 3000, now - 10), None, None, "renewing", True),
+        (meta(VolumeState.READY, now + 3000, now - 10), failing, now + 40, "backoff", True),
+        (meta(VolumeState.READY, now - 1, now - 1000), failing, now + 40, "expired", True),
+    ]
+    for volume, failures, retry, state, past in cases:
+        entry = volume_status(volume, failures, retry, now)
+        assert (entry["state"], entry["past_renewal"]) == (state, past), state
+        assert entry["key_type"] == "Ed25519"
+        assert (entry["pod"], entry["namespace"]) == ("p", "n")
+    backoff = volume_status(cases[3][0], failing, now + 40, now)
+    assert backoff["next_renewal"] == now + 40 and backoff["renewal_time"] == now - 10
+    assert (backoff["consecutive_failures"], backoff["last_error"]) == (3, "issuer down")
+    assert backoff["serial"] == "0A"
