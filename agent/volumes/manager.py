@@ -994,7 +994,7 @@ def renew_before_window_start(meta: VolumeMeta) -> float | None:
     if meta.not_before is None or meta.not_after is None:
         return None
     try:
-        spec, _pod = parse_volume_context(meta.volume_context)
+        spec, _pod = parse_volume_context(meta.volume_context, meta.node_id)
     except AgentError:
         return None
     lifetime = meta.not_after - meta.not_before

@@ -45,7 +45,7 @@ def volume_status(
     """One volume's status entry (``failures``: a RenewalFailures or None)."""
     context = meta.volume_context
     try:
-        spec, _pod = parse_volume_context(context)
+        spec, _pod = parse_volume_context(context, meta.node_id)
         key = key_type(spec)
     except AgentError:
         key = "unknown"
