@@ -263,7 +263,7 @@ def test_every_state_from_the_metadata_and_the_failure_count() -> None:
             volume_context={
                 "csi.storage.k8s.io/pod.name": "p",
                 "csi.storage.k8s.io/pod.namespace": "n",
-                "csi.storage.k8s.io/pod.uid": "u",
+                "csi.storage.k8s.io/pod.uid": "0b7c3f8e-2a4d-4f5e-9c1a-7d2e6f8a9b0c",
                 "csi.storage.k8s.io/serviceAccount.name": "default",
                 "csi.storage.k8s.io/ephemeral": "true",
                 "csi.cert-agent.io/dns-names": "p.n.svc",

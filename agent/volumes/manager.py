@@ -998,7 +998,9 @@ def renew_before_window_start(meta: VolumeMeta) -> float | None:
     except AgentError:
         return None
     lifetime = meta.not_after - meta.not_before
-    before = lifetime / 3 if spec.renew_before_seconds is None else spec.renew_before_seconds
+    asked = spec.renew_before_seconds
+    # As plan_renewal: a third of the lifetime when unset or not shorter than the lifetime.
+    before = lifetime / 3 if asked is None or asked >= lifetime else float(asked)
     return meta.not_after - before
 
 
