@@ -111,6 +111,8 @@ def test_the_dashboard_fits_the_sdks_dashboard_model() -> None:
         "CA expires",
         "Node CA expires in, per node",
         "Node CA requests by outcome",
+        "Pod certificate requests by signer and outcome",
+        "Pod certificate signing latency by signer",
     ):
         assert wanted in titles
 
@@ -267,9 +269,14 @@ def check_every_panel(agent: RunningAgent, prometheus: str) -> None:
     wait_for(prometheus, "cert_agent_managed_volumes == 2")
 
     board = dashboard()
-    local = [(title, expr) for title, expr in targets(board) if "node_ca" not in expr]
+    local = [(title, expr) for title, expr in targets(board) if not mode_only(expr)]
     assert len(local) >= 12
     assert_data(prometheus, local)
+
+
+def mode_only(expr: str) -> bool:
+    """Panels of node CA mode and the PCR signer: tested against agents in those modes."""
+    return "node_ca" in expr or "_pcr_" in expr
 
 
 def assert_data(prometheus: str, queries: list[tuple[str, str]]) -> None:
@@ -293,3 +300,34 @@ def assert_data(prometheus: str, queries: list[tuple[str, str]]) -> None:
         if not any(not math.isnan(v) for v in values):
             empty.append(f"{title}: {promql}")
     assert empty == [], "\n".join(empty)
+
+
+@pytest.mark.prometheus
+def test_pcr_panels_return_data_from_a_pcr_signing_agent(
+    node_agent: Any, fake: FakeKube, tmp_path: Path
+) -> None:
+    if PROMETHEUS is None:
+        pytest.skip("needs the prometheus server (Debian package)")
+    from agent.spec.pcr import parse_signers
+    from tests.fake_pcr import PCRS, condition, install, pcr_body
+
+    signer = "cert-agent.io/pod-identity"
+    install(fake)
+    agent: RunningAgent = node_agent(pcr_signers=parse_signers([signer], None))
+    assert agent.agent.health is not None
+
+    def sign(name: str) -> None:
+        pod = fake.put_pod("apps", name, "node-1")
+        made = fake.create(PCRS, "apps", pcr_body(name=f"{name}-pcr", pod=pod, signer=signer).body)
+        pcr = made["metadata"]["name"]
+        fake.wait_until(lambda: condition(fake.get(PCRS, "apps", pcr)) is not None)
+
+    count = "cert_agent_pcr_sign_latency_seconds_count"
+    with running_prometheus(tmp_path, agent.agent.health.port) as prometheus:
+        sign("web-0")
+        wait_for(prometheus, f"{count} == 1")
+        sign("web-1")  # a second sample after an increase: rate() has data
+        wait_for(prometheus, f"{count} == 2")
+        pcr = [(title, expr) for title, expr in targets(dashboard()) if "_pcr_" in expr]
+        assert len(pcr) == 3
+        assert_data(prometheus, pcr)

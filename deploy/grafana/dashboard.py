@@ -247,6 +247,36 @@ def build() -> Dashboard:
             .height(8)
             .span(12)
         )
+        .with_row(Row("Pod certificates (PodCertificateRequest signer)"))
+        .with_panel(
+            timeseries.Panel()
+            .title("Pod certificate requests by signer and outcome")
+            .description(
+                "PCR signer mode only: requests answered, issued or denied/failed with the "
+                "condition reason (empty otherwise)."
+            )
+            .datasource(DATASOURCE)
+            .with_target(
+                query(
+                    "sum by (signer, outcome, reason) (increase("
+                    "cert_agent_pcr_requests_total[$__rate_interval]))",
+                    "{{signer}} {{outcome}} {{reason}}",
+                )
+            )
+            .height(8)
+            .span(12)
+        )
+        .with_panel(
+            timeseries.Panel()
+            .title("Pod certificate signing latency by signer (p50, p99)")
+            .description("PCR signer mode only: from the request in the watch to its status.")
+            .datasource(DATASOURCE)
+            .with_target(latency("cert_agent_pcr_sign_latency_seconds", "signer", 0.5, "A"))
+            .with_target(latency("cert_agent_pcr_sign_latency_seconds", "signer", 0.99, "B"))
+            .unit("s")
+            .height(8)
+            .span(12)
+        )
         .with_row(Row("CSI gRPC"))
         .with_panel(
             timeseries.Panel()
