@@ -61,6 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="a volume attribute; keys without a prefix get csi.cert-agent.io/",
     )
 
+    policy = commands.add_parser("policy", help="work with issuance policy files")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    check = policy_commands.add_parser(
+        "check",
+        help="say whether a policy allows a volume's attributes (no running agent needed)",
+        description="Exit status: 0 allowed, 1 denied, 2 invalid attributes or policy file.",
+    )
+    check.add_argument(
+        "--policy", metavar="FILE", help="the policy file (default: the built-in default policy)"
+    )
+    check.add_argument("--namespace", required=True, help="the pod's namespace")
+    check.add_argument("--pod-name", required=True)
+    check.add_argument("--service-account", default="default")
+    check.add_argument("--pod-uid", default="", help="default: a random UUID")
+    check.add_argument("--cluster-domain", default="cluster.local", help="${CLUSTER_DOMAIN}")
+    check.add_argument("--trust-domain", default="cluster.local", help="${TRUST_DOMAIN}")
+    check.add_argument(
+        "--attr",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a volume attribute, as for publish; keys without a prefix get csi.cert-agent.io/",
+    )
+
     unpublish = commands.add_parser("unpublish", help="unmount and remove a published volume")
     unpublish.add_argument("--endpoint", default=default_endpoint, help=endpoint_help)
     unpublish.add_argument("--target", required=True)
@@ -96,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.status_view import run_status
 
         return run_status(args)
+    if args.command == "policy":
+        return _policy_check(args)
     return _unpublish(args)
 
 
@@ -133,16 +159,24 @@ def _default_volume_id(target: Path) -> str:
     return kubelet_volume_id(str(target.parent), target.name)
 
 
-def _publish(args: argparse.Namespace) -> int:
-    from agent.client import CSIClient, PodIdentity, pod_volume_context, publish_request
-
+def _attributes(items: Sequence[str]) -> dict[str, str] | None:
+    """``--attr KEY=VALUE`` options as volume attributes (None after printing a problem)."""
     attributes: dict[str, str] = {}
-    for item in args.attr:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             print(f"cert-agent: --attr {item!r} must be KEY=VALUE", file=sys.stderr)
-            return 2
+            return None
         attributes[key if "/" in key else f"csi.cert-agent.io/{key}"] = value
+    return attributes
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from agent.client import CSIClient, PodIdentity, pod_volume_context, publish_request
+
+    attributes = _attributes(args.attr)
+    if attributes is None:
+        return 2
     target = _target(args)
     pod = PodIdentity(
         args.pod_name,
@@ -196,6 +230,49 @@ def _remove_empty(directories: list[Path]) -> None:
             directory.rmdir()
         except OSError:
             return  # not empty (or gone): leave it and everything above it
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    """Parse the attributes exactly as the agent does, then ask the policy about them."""
+    from agent.client import PodIdentity, pod_volume_context
+    from agent.errors import AgentError
+    from agent.issuers.local import format_duration
+    from agent.pki.policy import PolicyRequest, PolicyViolation
+    from agent.pki.policy_loader import PolicyError, default_policy, load_policy_file
+    from agent.spec.attributes import parse_volume_context
+
+    attributes = _attributes(args.attr)
+    if attributes is None:
+        return 2
+    try:
+        if args.policy:
+            policy = load_policy_file(Path(args.policy), args.cluster_domain, args.trust_domain)
+        else:
+            policy = default_policy(args.cluster_domain, args.trust_domain)
+    except PolicyError as exc:
+        print(f"cert-agent: invalid policy: {exc}", file=sys.stderr)
+        return 2
+    pod = PodIdentity(args.pod_name, args.namespace, args.pod_uid, args.service_account)
+    try:
+        spec, pod_info = parse_volume_context(pod_volume_context(pod.with_uid(), attributes))
+    except AgentError as exc:
+        print(f"cert-agent: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    if not spec.issuer.is_local:
+        print(
+            f"note: {spec.issuer.describe()} is a cert-manager issuer; the agent applies the "
+            "policy to it only with --policy-for-cert-manager"
+        )
+    try:
+        decision = policy.check(PolicyRequest.from_spec(pod_info, spec))
+    except PolicyViolation as exc:
+        print(f"denied (PERMISSION_DENIED): {exc.message}")
+        return 1
+    cap = ""
+    if decision.max_duration_seconds is not None:
+        cap = f"; its max-duration is {format_duration(decision.max_duration_seconds)}"
+    print(f"allowed by rule {decision.rule!r} of the policy ({policy.source}){cap}")
+    return 0
 
 
 def _unpublish(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from agent.spec.pcr import PcrConfigError, PcrSignerConfig, parse_signers
 ENV_PREFIX = "CERT_AGENT_"
 # CSI GetPluginInfo: at most 63 characters, alphanumeric at both ends, dashes and dots between.
 _DRIVER_NAME_RE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_DOMAIN_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_METRICS_ADDRESS = ":9402"
 DEFAULT_KUBELET_ROOT = "/var/lib/kubelet"
@@ -111,7 +112,11 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         "bool",
     ),
-    Setting("cluster-domain", "the cluster's DNS domain", "cluster.local"),
+    Setting(
+        "cluster-domain",
+        "the cluster's DNS domain (node CA constraints; ${CLUSTER_DOMAIN} in the policy)",
+        "cluster.local",
+    ),
     Setting("pod-name", "the agent's own Pod name (downward API metadata.name)"),
     Setting("pod-uid", "the agent's own Pod uid (downward API metadata.uid)"),
     Setting("pod-namespace", "the agent's own namespace (downward API metadata.namespace)"),
@@ -123,6 +128,18 @@ SETTINGS: tuple[Setting, ...] = (
         None,
         "list",
     ),
+    Setting(
+        "policy",
+        "YAML issuance policy (docs/policy.md), reloaded when it changes "
+        "(default: the built-in policy: names in the pod's own namespace only)",
+    ),
+    Setting(
+        "policy-for-cert-manager",
+        "also check cert-manager requests against the policy before sending them",
+        False,
+        "bool",
+    ),
+    Setting("trust-domain", "SPIFFE trust domain, ${TRUST_DOMAIN} in the policy", "cluster.local"),
     Setting(
         "standalone",
         "run without Kubernetes: self-signed local CA under the data root",
@@ -253,6 +270,9 @@ class AgentConfig:
     tmpfs_reserve_bytes: int = 2 * 1024 * 1024
     kubelet_root: Path = Path(DEFAULT_KUBELET_ROOT)
     relaxed_target_paths: bool = False
+    policy_file: Path | None = None
+    policy_for_cert_manager: bool = False
+    trust_domain: str = "cluster.local"
 
     @property
     def socket_path(self) -> Path:
@@ -438,6 +458,11 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
     for flag in ("renewal-workers", "grpc-workers", "tmpfs-size", "kube-burst", "keygen-workers"):
         if raw[flag] < 1:
             raise ConfigError(f"--{flag} must be at least 1")
+    for flag in ("cluster-domain", "trust-domain"):
+        if len(raw[flag]) > 253 or not _DOMAIN_RE.fullmatch(raw[flag]):
+            raise ConfigError(
+                f"--{flag} {raw[flag]!r} must be a lower-case DNS name such as cluster.local"
+            )
     node_ca = _node_ca(raw, standalone)
     try:
         pcr_signers = parse_signers(
@@ -495,6 +520,9 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
         tmpfs_reserve_bytes=raw["tmpfs-reserve"] * 1024 * 1024,
         kubelet_root=kubelet_root,
         relaxed_target_paths=bool(raw["relaxed-target-paths"]),
+        policy_file=Path(raw["policy"]) if raw["policy"] else None,
+        policy_for_cert_manager=bool(raw["policy-for-cert-manager"]),
+        trust_domain=raw["trust-domain"],
     )
 
 

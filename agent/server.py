@@ -35,6 +35,7 @@ from agent.pki.ca import (
     load_ca_dir,
     load_ca_files,
 )
+from agent.pki.policy_reload import PolicySource
 from agent.volumes.manager import VolumeManager
 from agent.volumes.mounter import Mounter, detect_mounter
 from agent.volumes.paths import TargetPolicy
@@ -164,6 +165,14 @@ class Agent:
             else:
                 self._check_allow_ca()
         self.issuers = IssuerRouter(self.local_issuer, cert_manager)
+        self.policy = PolicySource(
+            config.policy_file,
+            cluster_domain=config.cluster_domain,
+            trust_domain=config.trust_domain,
+            observer=self.metrics,
+        )
+        self.policy.start()
+        self._closers.append(self.policy.stop)
         self.manager = VolumeManager(
             store=self.store,
             mounter=self.mounter,
@@ -180,6 +189,8 @@ class Agent:
             target_policy=TargetPolicy(
                 config.kubelet_root, config.data_root, config.relaxed_target_paths
             ),
+            policy=self.policy,
+            policy_for_cert_manager=config.policy_for_cert_manager,
         )
         self.manager.local_trust_bundle = self.ca_provider.trust_bundle_pem
         self.metrics.watch_tmpfs(self.store.free_space)

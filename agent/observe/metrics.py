@@ -46,6 +46,7 @@ KNOWN_FAILURE_REASONS = (
     "aborted",
     "internal",
     "error",
+    "policy",
 )
 
 # Local signing takes milliseconds; cert-manager approval can take up to the issue timeout.
@@ -207,6 +208,31 @@ class AgentMetrics:
             "ca.crt files rewritten because their trust bundle changed (no reissue).",
             registry=r,
         )
+        self.policy_reloads = Counter(
+            "cert_agent_policy_reload",
+            "Reloads of the --policy file, by result (failure: the last good policy stays).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.policy_reloads.labels(result)
+        self.policy_info = Gauge(
+            "cert_agent_policy_info",
+            "The issuance policy in force (always 1): its SHA-256 and source (file or default).",
+            ["sha256", "source"],
+            registry=r,
+        )
+        self.policy_loaded_timestamp = Gauge(
+            "cert_agent_policy_loaded_timestamp_seconds",
+            "When the issuance policy in force was loaded (Unix time).",
+            registry=r,
+        )
+        self.policy_last_reload_successful = Gauge(
+            "cert_agent_policy_last_reload_successful",
+            "1 when the newest version of the --policy file is in force, 0 when it was refused.",
+            registry=r,
+        )
+        self.policy_last_reload_successful.set(1)
         self._init_issuer(LOCAL_ISSUER)
 
     def _init_issuer(self, issuer: str) -> None:
@@ -338,6 +364,20 @@ class AgentMetrics:
 
     def trust_bundle_rewritten(self) -> None:
         self.trust_bundle_rewrites.inc()
+
+    # -------------------------------------------------------------------------- policy
+
+    def policy_reloaded(self, result: str) -> None:
+        """Count a reload of the policy file; ``result`` is success or failure."""
+        self.policy_reloads.labels(result).inc()
+        self.policy_last_reload_successful.set(1 if result == "success" else 0)
+
+    def policy_loaded(self, sha256: str, source: str, timestamp: float) -> None:
+        """Record the policy now in force (one info series at a time)."""
+        with self._lock:
+            self.policy_info.clear()
+            self.policy_info.labels(sha256, source).set(1)
+        self.policy_loaded_timestamp.set(timestamp)
 
 
 def _check_operation(operation: str) -> None:

@@ -50,6 +50,7 @@ from agent.pki.keys import (
     load_private_key,
 )
 from agent.pki.pkcs12 import build_keystore
+from agent.pki.policy import PolicyChecker
 from agent.spec.attributes import COMPAT_PREFIX, OWN_PREFIX, parse_volume_context
 from agent.spec.model import CertificateSpec, KeyEncoding, PodInfo
 from agent.volumes.events import NoEvents, VolumeEvents
@@ -57,6 +58,7 @@ from agent.volumes.locks import ConcurrencyLimit, KeyedLocks
 from agent.volumes.mounter import Mounter
 from agent.volumes.paths import PathMissing, TargetPolicy, canonical_path
 from agent.volumes.pod_ips import PodIPTracker
+from agent.volumes.policy_gate import apply_policy
 from agent.volumes.scheduler import plan_renewal
 from agent.volumes.status import snapshot as status_snapshot
 from agent.volumes.store import (
@@ -149,6 +151,8 @@ class VolumeManager:
         min_renewal_interval_seconds: float = 0.0,
         tmpfs_reserve_bytes: int = 0,
         target_policy: TargetPolicy | None = None,
+        policy: PolicyChecker | None = None,
+        policy_for_cert_manager: bool = False,
     ) -> None:
         self.store = store
         self.mounter = mounter
@@ -183,6 +187,10 @@ class VolumeManager:
         self.tmpfs_reserve_bytes = tmpfs_reserve_bytes
         # Volumes whose renew-before did not fit the granted lifetime, already reported once.
         self._renew_before_reported: set[str] = set()
+
+        # The issuance policy: always for the agent's own CA, for cert-manager when asked to.
+        self.policy = policy
+        self.policy_for_cert_manager = policy_for_cert_manager
 
     def _parse(self, context: Mapping[str, str]) -> tuple[CertificateSpec, PodInfo]:
         return parse_volume_context(context, self.node_id)
@@ -299,6 +307,8 @@ class VolumeManager:
             issue_spec, ips = self.pod_ips.spec_for_issue(spec, pod, _ip_sans_key(meta))
             with self._attempt("issue") as attempt:
                 attempt.start(self._issuer_label(spec))
+                # Decided before anything of the volume exists: a denial leaves nothing behind.
+                spec = self._apply_policy(spec, pod, "issue")
                 if new:
                     attempt.step = STORAGE
                     self.store.save(meta)
@@ -523,6 +533,9 @@ class VolumeManager:
                     self._first_issue(meta, spec, pod)
                     return meta.next_renewal
                 attempt.start(self._issuer_label(spec))
+                # A policy change can deny a renewal: the old certificate stays, the scheduler
+                # retries with backoff, and the failure metric and log say why.
+                spec = self._apply_policy(spec, pod, "renew")
                 key = self._select_key(meta, spec, "renew", attempt)
                 generation = meta.created_at
                 # Without a loaded bundle (a restart, the source unreachable) ca.crt stays.
@@ -646,6 +659,12 @@ class VolumeManager:
                 self.metrics.issue_finished(
                     attempt.issuer, operation, attempt.issuer_seconds, failure
                 )
+
+    def _apply_policy(self, spec: CertificateSpec, pod: PodInfo, operation: str) -> CertificateSpec:
+        """The policy gate (volumes/policy_gate.py): raises PERMISSION_DENIED before any key."""
+        if self.policy is None or not (spec.issuer.is_local or self.policy_for_cert_manager):
+            return spec
+        return apply_policy(self.policy, spec, pod, operation)
 
     def _issuer_label(self, spec: CertificateSpec) -> str:
         try:
