@@ -146,7 +146,9 @@ def test_local_ca_from_a_secret_rotates_without_a_restart(
     targets = []
     for name in ("es-0", "es-1"):
         pod = cluster_agent.pod(name, namespace="elastic")
-        targets.append(cluster_agent.publish(pod, {"csi.cert-agent.io/dns-names": f"{name}.x"}))
+        targets.append(
+            cluster_agent.publish(pod, {"csi.cert-agent.io/dns-names": f"{name}.elastic.svc"})
+        )
     old_issuer = x509.load_pem_x509_certificate((targets[0] / "tls.crt").read_bytes()).issuer
     # A cert-manager volume beside them: the local CA's rotation neither touches nor waits on it.
     other = cluster_agent.publish(cluster_agent.pod("es-9", namespace="elastic"), SEED_ATTRIBUTES)
@@ -199,7 +201,7 @@ def test_agent_starts_without_the_ca_secret_and_becomes_ready_when_it_appears(
 
     local = agent.pod("web-0")
     with pytest.raises(grpc.RpcError) as error:
-        agent.client.publish(local.request({"csi.cert-agent.io/dns-names": "web-0.x"}))
+        agent.client.publish(local.request({"csi.cert-agent.io/dns-names": "web-0.default.svc"}))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "does not exist" in (error.value.details() or "")
     assert not local.target.exists()
@@ -215,7 +217,7 @@ def test_agent_starts_without_the_ca_secret_and_becomes_ready_when_it_appears(
                 break
         except urllib.error.HTTPError:
             time.sleep(0.1)
-    target = agent.publish(local, {"csi.cert-agent.io/dns-names": "web-0.x"})
+    target = agent.publish(local, {"csi.cert-agent.io/dns-names": "web-0.default.svc"})
     issuer = x509.load_pem_x509_certificate((target / "tls.crt").read_bytes()).issuer
     assert issuer == ca.subject
 

@@ -8,13 +8,14 @@ import ssl
 import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
 
 from agent.csi import csi_pb2, csi_pb2_grpc
-from tests.conftest import IS_ROOT, Pod, RunningAgent, openssl
+from tests.conftest import IS_ROOT, REPO, Pod, RunningAgent, openssl
 
 ES_ATTRIBUTES = {
     "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local",
@@ -73,7 +74,7 @@ def test_node_capabilities_info_and_unimplemented(agent: RunningAgent) -> None:
 @needs_root
 def test_publish_mounts_a_read_only_verified_certificate(agent: RunningAgent) -> None:
     pod = agent.pod("web-0")
-    target = agent.publish(pod, {"csi.cert-agent.io/dns-names": "web.example.com"}, fs_group=2000)
+    target = agent.publish(pod, {"csi.cert-agent.io/dns-names": "web.default.svc"}, fs_group=2000)
 
     assert files_of(target) == {"tls.crt", "tls.key", "ca.crt"}
     mountinfo = Path("/proc/self/mountinfo").read_text()
@@ -96,8 +97,10 @@ def test_publish_mounts_a_read_only_verified_certificate(agent: RunningAgent) ->
 
 
 def test_elasticsearch_statefulset_gets_one_certificate_per_pod(
-    agent: RunningAgent, tmp_path: Path
+    agent_factory: Any, tmp_path: Path
 ) -> None:
+    # The ECK example's policy allows the transport otherName (the default policy does not).
+    agent = agent_factory(policy_file=REPO / "deploy/examples/elasticsearch/policy.yaml")
     pods = [agent.pod(f"es-{i}", namespace="elastic") for i in range(3)]
     targets = [agent.publish(pod, ES_ATTRIBUTES) for pod in pods]
 
@@ -164,25 +167,25 @@ def test_cert_manager_prefix_is_accepted_unchanged(agent: RunningAgent) -> None:
         pod,
         {
             "csi.cert-manager.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local",
-            "csi.cert-manager.io/common-name": "${POD_NAME}",
+            "csi.cert-manager.io/common-name": "${POD_NAME}.${POD_NAMESPACE}.svc",
             "csi.cert-manager.io/duration": "24h",
         },
     )
     cert = x509.load_pem_x509_certificate((target / "tls.crt").read_bytes())
-    assert cert.subject.rfc4514_string() == "CN=es-0"
+    assert cert.subject.rfc4514_string() == "CN=es-0.default.svc"
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime.total_seconds() == 24 * 3600
 
 
 def test_publish_is_idempotent_and_conflicts_are_already_exists(agent: RunningAgent) -> None:
     pod = agent.pod("app")
-    attributes = {"csi.cert-agent.io/dns-names": "app.example.com"}
+    attributes = {"csi.cert-agent.io/dns-names": "app.default.svc"}
     target = agent.publish(pod, attributes)
     first = (target / "tls.crt").read_bytes()
     agent.publish(pod, attributes)  # the same call again: OK, nothing reissued
     assert (target / "tls.crt").read_bytes() == first
 
-    changed = pod.request({"csi.cert-agent.io/dns-names": "other.example.com"})
+    changed = pod.request({"csi.cert-agent.io/dns-names": "other.default.svc"})
     error = rpc_error(agent.client.publish, changed)
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "volume attributes" in (error.details() or "")
@@ -191,7 +194,7 @@ def test_publish_is_idempotent_and_conflicts_are_already_exists(agent: RunningAg
 
 def test_unpublish_removes_target_and_is_idempotent(agent: RunningAgent) -> None:
     pod = agent.pod("app")
-    target = agent.publish(pod, {"csi.cert-agent.io/dns-names": "app.example.com"})
+    target = agent.publish(pod, {"csi.cert-agent.io/dns-names": "app.default.svc"})
     agent.client.unpublish(pod.volume_id, str(target))
     assert not target.exists()
     assert f" {target} " not in Path("/proc/self/mountinfo").read_text()
@@ -253,9 +256,8 @@ def test_unpublish_removes_target_and_is_idempotent(agent: RunningAgent) -> None
             {"csi.cert-agent.io/dns-names": "a.b", "csi.cert-agent.io/reuse-private-key": "yes"},
             "csi.cert-agent.io/reuse-private-key",
         ),
-        ({"csi.cert-agent.io/dns-names": "a.b", "csi.cert-agent.io/is-ca": "true"}, "is-ca"),
         (
-            {"csi.cert-agent.io/dns-names": "a.b", "csi.cert-agent.io/duration": "9000h"},
+            {"csi.cert-agent.io/dns-names": "a.default.svc", "csi.cert-agent.io/duration": "9000h"},
             "duration",
         ),
         ({}, "identif"),
@@ -273,7 +275,7 @@ def test_invalid_attributes_are_invalid_argument_and_leave_nothing(
 
 
 def _request_without(pod: Pod, field: str) -> csi_pb2.NodePublishVolumeRequest:
-    request = pod.request({"csi.cert-agent.io/dns-names": "a.example.com"})
+    request = pod.request({"csi.cert-agent.io/dns-names": "a.default.svc"})
     request.ClearField(field)  # type: ignore[arg-type]
     return request
 
@@ -333,7 +335,7 @@ def test_pkcs12_keystore_and_custom_file_names(agent: RunningAgent) -> None:
     target = agent.publish(
         pod,
         {
-            "csi.cert-agent.io/dns-names": "java.example.com",
+            "csi.cert-agent.io/dns-names": "java.default.svc",
             "csi.cert-agent.io/certificate-file": "cert.pem",
             "csi.cert-agent.io/privatekey-file": "key.pem",
             "csi.cert-agent.io/ca-file": "root.pem",
@@ -347,7 +349,7 @@ def test_pkcs12_keystore_and_custom_file_names(agent: RunningAgent) -> None:
     info = openssl(
         "pkcs12", "-in", str(target / "keystore.p12"), "-nokeys", "-passin", "pass:s3cret"
     )
-    assert "java.example.com" in info or "BEGIN CERTIFICATE" in info
+    assert "java.default.svc" in info or "BEGIN CERTIFICATE" in info
 
 
 def test_without_mounts_the_payload_is_written_into_the_target(
@@ -366,7 +368,7 @@ def test_without_mounts_the_payload_is_written_into_the_target(
         assert "not running as root" in caplog.text
         pod = Pod(tmp_path / "kubelet", "es-0")
         with CSIClient(config.endpoint) as client:
-            client.publish(pod.request({"csi.cert-agent.io/dns-names": "es-0.example.com"}))
+            client.publish(pod.request({"csi.cert-agent.io/dns-names": "es-0.default.svc"}))
             assert f" {pod.target} " not in Path("/proc/self/mountinfo").read_text()
             assert files_of(pod.target) == {"tls.crt", "tls.key", "ca.crt"}
             assert os.readlink(pod.target / "tls.crt") == "..data/tls.crt"
@@ -386,7 +388,7 @@ def test_a_publish_while_another_runs_for_the_same_volume_is_aborted(agent: Runn
     flaky.gate.clear()
     flaky.entered.clear()
     pod = agent.pod("slow")
-    request = pod.request({"csi.cert-agent.io/dns-names": "slow.example.com"})
+    request = pod.request({"csi.cert-agent.io/dns-names": "slow.default.svc"})
     first = threading.Thread(target=agent.client.publish, args=(request,))
     first.start()
     try:

@@ -63,7 +63,7 @@ def test_no_key_material_reaches_the_log_at_debug_level(
     agent: AgentProcess = agent_process("--log-level", "debug")  # type: ignore[operator]
     target = kubelet_target(tmp_path / "kubelet", "app")
     args = ["publish", "--endpoint", agent.endpoint, "--target", str(target)]
-    args += ["--attr", "dns-names=app.example.com", "--attr", "duration=3s"]
+    args += ["--attr", "dns-names=app.default.svc", "--attr", "duration=3s"]
     args += ["--attr", "renew-before=2s", "--attr", "pkcs12-enable=true"]
     args += ["--attr", "pkcs12-password=hunter2-not-in-logs"]
     subprocess.run([sys.executable, "-m", "agent.cli", *args], check=True, cwd=REPO)
@@ -95,7 +95,7 @@ def test_no_key_material_reaches_the_log_at_debug_level(
 
 def test_grpc_calls_are_counted_by_method_and_code(agent: RunningAgent) -> None:
     pod = agent.pod("web-0")
-    agent.publish(pod, {"csi.cert-agent.io/dns-names": "web-0.example.com"})
+    agent.publish(pod, {"csi.cert-agent.io/dns-names": "web-0.default.svc"})
     with pytest.raises(grpc.RpcError):
         agent.client.publish(agent.pod("bad").request({"csi.cert-agent.io/dns-names": "a_b"}))
     status, metrics = http_get(agent.metrics_url + "/metrics")

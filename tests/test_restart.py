@@ -160,7 +160,7 @@ def test_a_first_issue_that_never_finished_is_finished_on_start(
     target.parent.mkdir(parents=True)
     volume_id = kubelet_volume_id(str(target.parent), target.name)
     pod = PodIdentity("es-0", "elastic", "0c5e5e0e-3b1f-4c55-9c6a-1f2f0b7c9d11", "default")
-    context = pod_volume_context(pod, {"csi.cert-agent.io/dns-names": "es-0.example.com"})
+    context = pod_volume_context(pod, {"csi.cert-agent.io/dns-names": "es-0.elastic.svc"})
     VolumeStore(tmp_path / "data").save(
         VolumeMeta(
             volume_id=volume_id,

@@ -204,7 +204,7 @@ def test_restart_mid_schedule_renews_each_volume_once_at_its_time(
     first: RunningAgent = agent_factory(clock=clock)
     clock.set(time.time())  # not before the standalone CA the agent just made
     attributes = {
-        "csi.cert-agent.io/dns-names": "${POD_NAME}.example.com",
+        "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc",
         "csi.cert-agent.io/key-algorithm": "ECDSA",
         "csi.cert-agent.io/duration": "1h",
         "csi.cert-agent.io/renew-before": "30m",
