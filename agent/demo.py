@@ -33,6 +33,16 @@ ATTRIBUTES = {
     "renew-before": "6s",
 }
 WATCH_SECONDS = 16
+# The agent's issuance policy for the demo (docs/policy.md): the built-in default would refuse
+# the Elasticsearch otherName, so this allows it, for namespace "elastic" only.
+POLICY = """\
+rules:
+  - name: elasticsearch-transport
+    namespaces: ["elastic"]
+    dns-names: ["**.${POD_NAMESPACE}.svc", "**.${POD_NAMESPACE}.svc.${CLUSTER_DOMAIN}"]
+    other-names:
+      "2.5.4.3": ["${POD_NAME}.node.es.${POD_NAMESPACE}.es.local"]
+"""
 
 
 def say(text: str = "") -> None:
@@ -76,13 +86,15 @@ def metrics(port: int) -> list[str]:
         "cert_agent_certificate_expiry_timestamp_seconds{",
         "cert_agent_issue_attempts_total{",
     )
-    return [line for line in text.splitlines() if line.startswith(wanted)]
+    refused = 'cert_agent_issue_failures_total{issuer="local",operation="issue",reason="policy"}'
+    return [line for line in text.splitlines() if line.startswith((*wanted, refused))]
 
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cert-agent-demo-"))
     endpoint = f"unix://{work}/csi.sock"
     port = free_port()
+    (work / "policy.yaml").write_text(POLICY)
     say(f"1. Starting the agent (standalone, its own self-signed CA) in {work}")
     agent = subprocess.Popen(
         [
@@ -108,6 +120,8 @@ def main() -> int:
             "2s",
             "--kubelet-root",
             str(work / "kubelet"),
+            "--policy",
+            str(work / "policy.yaml"),
         ],
         stdout=open(work / "agent.log", "wb"),  # noqa: SIM115 - lives as long as the agent
         stderr=subprocess.STDOUT,
@@ -139,6 +153,20 @@ def main() -> int:
             files = sorted(n for n in os.listdir(target) if not n.startswith(".."))
             say(f"   {pod}: {', '.join(files)}  serial {format_serial(cert.serial_number)}")
             say(f"         SAN {dns}; openssl verify: {verify.stdout.strip().split(': ')[-1]}")
+        say()
+        say("   A pod asking for a name outside its namespace gets nothing (the issuance policy):")
+        denied = work / "kubelet" / "pods" / "intruder" / "volumes" / "kubernetes.io~csi" / "tls"
+        denied = denied / "mount"
+        args = ["publish", "--endpoint", endpoint, "--target", str(denied)]
+        args += ["--pod-name", "intruder", "--pod-namespace", NAMESPACE]
+        args += ["--attr", "dns-names=www.google.com"]
+        refused = subprocess.run(
+            [sys.executable, "-m", "agent.cli", *args],
+            capture_output=True,
+            text=True,
+        )
+        say(f"   {refused.stderr.strip().removeprefix('cert-agent: ')}")
+        say(f"   files left for it: {sorted(os.listdir(denied)) if denied.exists() else 'none'}")
         say()
         say(
             f"3. Watching for {WATCH_SECONDS}s: each certificate lives 12s and renews 6s "

@@ -527,6 +527,18 @@ def _check_agent_matches_cli(
             if host is not None:
                 assert not (data["mountPath"] + "/").startswith(host.rstrip("/") + "/"), c["name"]
 
+    # The policy file lies on an optional ConfigMap volume, so the agent starts without it
+    # (built-in default) and sees edits (kubelet swaps the volume's ..data link).
+    assert config.policy_file is not None
+    policy_mount = mount(agent, "policy")
+    assert policy_mount["readOnly"] is True
+    assert config.policy_file.parent == Path(policy_mount["mountPath"])
+    assert "subPath" not in policy_mount  # a subPath mount never sees ConfigMap updates
+    policy_volume = volume(ds, "policy")["configMap"]
+    assert policy_volume == {"name": "cert-agent-policy", "optional": True}
+    assert config.policy_for_cert_manager is False
+    assert (config.cluster_domain, config.trust_domain) == ("cluster.local", "cluster.local")
+
     # Metrics and probes: the port the agent binds, the paths it serves.
     host, _, port = config.metrics_address.rpartition(":")
     assert host == ""  # all interfaces: kubelet probes and Prometheus scrape the pod IP
@@ -694,7 +706,9 @@ def _csi_volumes(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
 
 
 @pytest.mark.parametrize("example", ["elasticsearch", "nginx-mtls"])
-def test_example_volumes_are_accepted_by_the_attribute_parser(example: str) -> None:
+def test_example_volumes_are_accepted_by_the_attribute_parser_and_policy(example: str) -> None:
+    from agent.pki.policy import PolicyRequest, PolicyViolation
+    from agent.pki.policy_loader import default_policy, load_policy_file
     from agent.spec.attributes import parse_volume_context
 
     docs = render(EXAMPLES / example)
@@ -712,6 +726,15 @@ def test_example_volumes_are_accepted_by_the_attribute_parser(example: str) -> N
         }
         spec, pod = parse_volume_context(context)
         assert pod.name == "es-es-default-0"
+        # The default policy allows nginx-mtls as it is; ECK needs the policy it ships.
+        request = PolicyRequest.from_spec(pod, spec)
+        if example == "elasticsearch":
+            with pytest.raises(PolicyViolation, match="otherName 2.5.4.3"):
+                default_policy().check(request)
+            shipped = load_policy_file(EXAMPLES / example / "policy.yaml")
+            assert shipped.check(request).rule == "elasticsearch-transport"
+        else:
+            assert default_policy().check(request).rule == "default"
         if example == "elasticsearch":
             assert "es-es-default-0.elastic.svc.cluster.local" in spec.dns_names
             [other] = spec.other_names
