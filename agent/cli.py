@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a volume attribute, as for publish; keys without a prefix get csi.cert-agent.io/",
     )
 
+    policy_commands.add_parser(
+        "default", help="print the built-in default policy (a starting point for a policy file)"
+    )
+
     unpublish = commands.add_parser("unpublish", help="unmount and remove a published volume")
     unpublish.add_argument("--endpoint", default=default_endpoint, help=endpoint_help)
     unpublish.add_argument("--target", required=True)
@@ -121,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_status(args)
     if args.command == "policy":
+        if args.policy_command == "default":
+            from agent.pki.policy_loader import DEFAULT_POLICY_YAML
+
+            print(DEFAULT_POLICY_YAML, end="")
+            return 0
         return _policy_check(args)
     return _unpublish(args)
 
