@@ -130,7 +130,9 @@ class PolicySource:
             with self._lock:
                 self._problem = message
             log.error(
-                "the policy file is not valid; keeping the policy in force",
+                "the policy file is not valid; keeping the policy in force (%s): %s",
+                current.source,
+                message,
                 extra={"policy": str(self.path), "error": message, "in_force": current.source},
             )
             if self._observer is not None:
