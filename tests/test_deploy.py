@@ -729,7 +729,7 @@ def test_example_volumes_are_accepted_by_the_attribute_parser_and_policy(example
         # The default policy allows nginx-mtls as it is; ECK needs the policy it ships.
         request = PolicyRequest.from_spec(pod, spec)
         if example == "elasticsearch":
-            with pytest.raises(PolicyViolation, match="otherName 2.5.4.3"):
+            with pytest.raises(PolicyViolation, match=r"otherName 2\.5\.4\.3"):
                 default_policy().check(request)
             shipped = load_policy_file(EXAMPLES / example / "policy.yaml")
             assert shipped.check(request).rule == "elasticsearch-transport"

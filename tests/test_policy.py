@@ -177,33 +177,89 @@ GLOB_CASES = [
     ('dns-names: ["a.example.com"]', {"dns_names": ("axexample.com",)}, False),  # '.' literal
     ('dns-names: ["${POD_NAME}.web.svc"]', {"dns_names": ("web-0.web.svc",)}, True),
     ('dns-names: ["${POD_NAME}.web.svc"]', {"dns_names": ("web-1.web.svc",)}, False),
-    ('dns-names: ["${SERVICE_ACCOUNT_NAME}.${POD_NAMESPACE}.x"]', {"dns_names": ("web.team-a.x",)}, True),
+    (
+        'dns-names: ["${SERVICE_ACCOUNT_NAME}.${POD_NAMESPACE}.x"]',
+        {"dns_names": ("web.team-a.x",)},
+        True,
+    ),
     ("dns-names: []", {"dns_names": ("web.team-a.svc",)}, False),
     ("is-ca: false", {"dns_names": ("web.team-a.svc",)}, False),  # a kind not listed: nothing
     # URIs: '/'-separated, exact case
-    ('uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]', {"uris": ("spiffe://td/ns/team-a/sa/x",)}, True),
-    ('uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]', {"uris": ("spiffe://td/ns/team-a/sa/x/y",)}, False),
-    ('uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]', {"uris": ("spiffe://td/ns/team-b/sa/x",)}, False),
-    ('uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]', {"uris": ("SPIFFE://td/ns/team-a/sa/x",)}, False),
+    (
+        'uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]',
+        {"uris": ("spiffe://td/ns/team-a/sa/x",)},
+        True,
+    ),
+    (
+        'uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]',
+        {"uris": ("spiffe://td/ns/team-a/sa/x/y",)},
+        False,
+    ),
+    (
+        'uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]',
+        {"uris": ("spiffe://td/ns/team-b/sa/x",)},
+        False,
+    ),
+    (
+        'uri-sans: ["spiffe://td/ns/${POD_NAMESPACE}/sa/*"]',
+        {"uris": ("SPIFFE://td/ns/team-a/sa/x",)},
+        False,
+    ),
     ('uri-sans: ["https://*.example.com/**"]', {"uris": ("https://a.example.com/x/y",)}, True),
     ('uri-sans: ["https://*.example.com/**"]', {"uris": ("https://example.com/x",)}, False),
-    ('uri-sans: ["https://*.example.com/**"]', {"uris": ("https://a.b.example.com/x",)}, True),  # a URI segment spans dots
-    ('uri-sans: ["https://*.example.com/**"]', {"uris": ("https://a.evil.com/.example.com/x",)}, False),
+    (
+        'uri-sans: ["https://*.example.com/**"]',
+        {"uris": ("https://a.b.example.com/x",)},
+        True,
+    ),  # a URI segment spans dots
+    (
+        'uri-sans: ["https://*.example.com/**"]',
+        {"uris": ("https://a.evil.com/.example.com/x",)},
+        False,
+    ),
     ('uri-sans: ["urn:team-a:*"]', {"uris": ("urn:team-a:svc",)}, True),
     ('uri-sans: ["urn:team-a:*"]', {"uris": ("urn:team-a:svc?x",)}, False),
     # emails: exact local part, DNS-like domain
-    ('email-sans: ["*@${POD_NAMESPACE}.example.com"]', {"emails": ("alice@team-a.example.com",)}, True),
-    ('email-sans: ["*@${POD_NAMESPACE}.example.com"]', {"emails": ("alice@TEAM-A.example.com",)}, True),
-    ('email-sans: ["*@${POD_NAMESPACE}.example.com"]', {"emails": ("alice@team-b.example.com",)}, False),
-    ('email-sans: ["*@${POD_NAMESPACE}.example.com"]', {"emails": ("alice@x.team-a.example.com",)}, False),
-    ('email-sans: ["${SERVICE_ACCOUNT_NAME}@**.example.com"]', {"emails": ("web@a.b.example.com",)}, True),
-    ('email-sans: ["${SERVICE_ACCOUNT_NAME}@**.example.com"]', {"emails": ("Web@a.example.com",)}, False),
+    (
+        'email-sans: ["*@${POD_NAMESPACE}.example.com"]',
+        {"emails": ("alice@team-a.example.com",)},
+        True,
+    ),
+    (
+        'email-sans: ["*@${POD_NAMESPACE}.example.com"]',
+        {"emails": ("alice@TEAM-A.example.com",)},
+        True,
+    ),
+    (
+        'email-sans: ["*@${POD_NAMESPACE}.example.com"]',
+        {"emails": ("alice@team-b.example.com",)},
+        False,
+    ),
+    (
+        'email-sans: ["*@${POD_NAMESPACE}.example.com"]',
+        {"emails": ("alice@x.team-a.example.com",)},
+        False,
+    ),
+    (
+        'email-sans: ["${SERVICE_ACCOUNT_NAME}@**.example.com"]',
+        {"emails": ("web@a.b.example.com",)},
+        True,
+    ),
+    (
+        'email-sans: ["${SERVICE_ACCOUNT_NAME}@**.example.com"]',
+        {"emails": ("Web@a.example.com",)},
+        False,
+    ),
     # IP addresses: CIDRs, per family
     ('ip-sans: ["10.0.0.0/8"]', {"ip_addresses": ("10.1.2.3",)}, True),
     ('ip-sans: ["10.0.0.0/8"]', {"ip_addresses": ("11.0.0.1",)}, False),
     ('ip-sans: ["10.0.0.0/8"]', {"ip_addresses": ("::ffff:10.0.0.1",)}, False),
     ('ip-sans: ["fd00::/8", "192.168.1.7/32"]', {"ip_addresses": ("fd12::1", "192.168.1.7")}, True),
-    ('ip-sans: ["fd00::/8", "192.168.1.7/32"]', {"ip_addresses": ("fd12::1", "192.168.1.8")}, False),
+    (
+        'ip-sans: ["fd00::/8", "192.168.1.7/32"]',
+        {"ip_addresses": ("fd12::1", "192.168.1.8")},
+        False,
+    ),
     # otherNames: per OID
     (
         'other-names: {"2.5.4.3": ["${POD_NAME}.node.*.${POD_NAMESPACE}.es.local"]}',
@@ -221,15 +277,33 @@ GLOB_CASES = [
         False,  # the same value under another OID (a Windows UPN) is another claim
     ),
     # subject fields, exact
-    ('subject: {organizations: ["Team A", "Team *"]}', {"subject": (("organizations", "Team B"),)}, True),
-    ('subject: {organizations: ["Team *"]}', {"subject": (("organizations", "system:masters"),)}, False),
-    ('subject: {organizations: ["Team *"]}', {"subject": (("organizationalunits", "Team B"),)}, False),
-    ('subject: {"0.9.2342.19200300.100.1.25": ["example"]}', {"subject": (("0.9.2342.19200300.100.1.25", "example"),)}, True),
-]  # fmt: skip
+    (
+        'subject: {organizations: ["Team A", "Team *"]}',
+        {"subject": (("organizations", "Team B"),)},
+        True,
+    ),
+    (
+        'subject: {organizations: ["Team *"]}',
+        {"subject": (("organizations", "system:masters"),)},
+        False,
+    ),
+    (
+        'subject: {organizations: ["Team *"]}',
+        {"subject": (("organizationalunits", "Team B"),)},
+        False,
+    ),
+    (
+        'subject: {"0.9.2342.19200300.100.1.25": ["example"]}',
+        {"subject": (("0.9.2342.19200300.100.1.25", "example"),)},
+        True,
+    ),
+]
 
 
 @pytest.mark.parametrize(("body", "fields", "allowed"), GLOB_CASES)
-def test_patterns_for_every_kind_of_name(body: str, fields: dict[str, object], allowed: bool) -> None:
+def test_patterns_for_every_kind_of_name(
+    body: str, fields: dict[str, object], allowed: bool
+) -> None:
     assert verdict(one_rule(body), request(**fields)) == ("allowed:r" if allowed else "denied")
 
 
@@ -241,15 +315,35 @@ def test_a_variable_value_is_literal_text_never_a_glob() -> None:
     assert verdict(p, request(pod="a", dns_names=("ab.web.svc",))) == "denied"
 
 
-# --- keys, lifetime, CA, namespaces, several rules -------------------------------------------------
+# --- keys, lifetime, CA, namespaces, several rules ------------------------------------------------
 
 OTHER_CASES = [
-    ("keys: [{algorithm: RSA, min-size: 3072}]", {"key_algorithm": KeyAlgorithm.RSA, "key_size": 2048}, False),
-    ("keys: [{algorithm: RSA, min-size: 3072}]", {"key_algorithm": KeyAlgorithm.RSA, "key_size": 4096}, True),
-    ("keys: [{algorithm: RSA, min-size: 3072}]", {"key_algorithm": KeyAlgorithm.ECDSA, "key_size": 256}, False),
-    ("keys: [{algorithm: ecdsa, min-size: 384}]", {"key_algorithm": KeyAlgorithm.ECDSA, "key_size": 256}, False),
+    (
+        "keys: [{algorithm: RSA, min-size: 3072}]",
+        {"key_algorithm": KeyAlgorithm.RSA, "key_size": 2048},
+        False,
+    ),
+    (
+        "keys: [{algorithm: RSA, min-size: 3072}]",
+        {"key_algorithm": KeyAlgorithm.RSA, "key_size": 4096},
+        True,
+    ),
+    (
+        "keys: [{algorithm: RSA, min-size: 3072}]",
+        {"key_algorithm": KeyAlgorithm.ECDSA, "key_size": 256},
+        False,
+    ),
+    (
+        "keys: [{algorithm: ecdsa, min-size: 384}]",
+        {"key_algorithm": KeyAlgorithm.ECDSA, "key_size": 256},
+        False,
+    ),
     ("keys: [{algorithm: ECDSA}]", {"key_algorithm": KeyAlgorithm.ECDSA, "key_size": 256}, True),
-    ("keys: [{algorithm: Ed25519}]", {"key_algorithm": KeyAlgorithm.ED25519, "key_size": None}, True),
+    (
+        "keys: [{algorithm: Ed25519}]",
+        {"key_algorithm": KeyAlgorithm.ED25519, "key_size": None},
+        True,
+    ),
     ("is-ca: false", {"key_algorithm": KeyAlgorithm.ED25519, "key_size": None}, True),
     ("max-duration: 24h", {"duration_seconds": 24 * 3600}, True),
     ("max-duration: 24h", {"duration_seconds": 24 * 3600 + 1}, False),
@@ -257,7 +351,7 @@ OTHER_CASES = [
     ("is-ca: true", {"is_ca": True}, True),
     ("is-ca: false", {"is_ca": True}, False),
     ("max-duration: 1h", {"is_ca": True}, False),  # is-ca defaults to false
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("body", "fields", "allowed"), OTHER_CASES)
@@ -330,7 +424,7 @@ def test_one_rule_must_allow_the_whole_request_and_the_first_such_rule_decides()
     assert "team-a-ca" not in other.value.message
 
 
-# --- the file format -------------------------------------------------------------------------------
+# --- the file format ------------------------------------------------------------------------------
 
 BROKEN = [
     ("rules: [", "not valid YAML"),
@@ -341,15 +435,27 @@ BROKEN = [
     ("rules: [{dns-names: ['a']}]", "rules[0]: 'namespaces' is required"),
     ("rules: [{namespaces: ['*'], dns-name: ['a']}]", "rules[0]: unknown key 'dns-name'"),
     ("rules: [{namespaces: ['*'], dns-names: 'a.b'}]", "rules[0].dns-names must be a list"),
-    ("rules: [{namespaces: ['*'], dns-names: ['a**.b']}]", "rules[0].dns-names[0]: 'a**.b': '**' must be a whole segment"),
+    (
+        "rules: [{namespaces: ['*'], dns-names: ['a**.b']}]",
+        "rules[0].dns-names[0]: 'a**.b': '**' must be a whole segment",
+    ),
     ("rules: [{namespaces: ['*'], dns-names: ['${POD_IP}.x']}]", "unknown variable ${POD_IP}"),
     ("rules: [{namespaces: ['*'], dns-names: ['${POD_NAME.x']}]", "unterminated"),
-    ("rules: [{namespaces: ['*'], dns-names: ['']}]", "rules[0].dns-names[0]: a pattern must be a non-empty string"),
+    (
+        "rules: [{namespaces: ['*'], dns-names: ['']}]",
+        "rules[0].dns-names[0]: a pattern must be a non-empty string",
+    ),
     ("rules: [{namespaces: ['*'], dns-names: [' a.b']}]", "leading or trailing spaces"),
-    ("rules: [{namespaces: ['${POD_NAMESPACE}']}]", "rules[0].namespaces[0]: '${POD_NAMESPACE}': variables are not allowed here"),
+    (
+        "rules: [{namespaces: ['${POD_NAMESPACE}']}]",
+        "rules[0].namespaces[0]: '${POD_NAMESPACE}': variables are not allowed here",
+    ),
     ("rules: [{namespaces: ['*'], email-sans: ['nobody']}]", "not an email pattern"),
     ("rules: [{namespaces: ['*'], email-sans: ['**@x.y']}]", "'**' is not allowed before the '@'"),
-    ("rules: [{namespaces: ['*'], ip-sans: ['10.0.0.1/8']}]", "rules[0].ip-sans[0]: '10.0.0.1/8' is not a CIDR"),
+    (
+        "rules: [{namespaces: ['*'], ip-sans: ['10.0.0.1/8']}]",
+        "rules[0].ip-sans[0]: '10.0.0.1/8' is not a CIDR",
+    ),
     ("rules: [{namespaces: ['*'], ip-sans: ['pod-ips']}]", "is not a CIDR"),
     ("rules: [{namespaces: ['*'], other-names: {'x.y': ['a']}}]", "'x.y' is not a dotted OID"),
     ("rules: [{namespaces: ['*'], other-names: ['a']}]", "other-names must be a mapping"),
@@ -357,12 +463,18 @@ BROKEN = [
     ("rules: [{namespaces: ['*'], max-duration: 30d}]", "rules[0].max-duration"),
     ("rules: [{namespaces: ['*'], max-duration: 0s}]", "must be positive"),
     ("rules: [{namespaces: ['*'], keys: [{algorithm: DSA}]}]", "must be RSA, ECDSA or Ed25519"),
-    ("rules: [{namespaces: ['*'], keys: [{algorithm: Ed25519, min-size: 1}]}]", "Ed25519 keys have no size"),
+    (
+        "rules: [{namespaces: ['*'], keys: [{algorithm: Ed25519, min-size: 1}]}]",
+        "Ed25519 keys have no size",
+    ),
     ("rules: [{namespaces: ['*'], keys: [{algorithm: RSA, min-size: big}]}]", "positive integer"),
     ("rules: [{namespaces: ['*'], keys: []}]", "non-empty list"),
     ("rules: [{namespaces: ['*'], is-ca: 'yes'}]", "rules[0].is-ca must be true or false"),
-    ("rules: [{name: a, namespaces: ['*']}, {name: a, namespaces: ['*']}]", "rules[1]: the name 'a' is used twice"),
-]  # fmt: skip
+    (
+        "rules: [{name: a, namespaces: ['*']}, {name: a, namespaces: ['*']}]",
+        "rules[1]: the name 'a' is used twice",
+    ),
+]
 
 
 @pytest.mark.parametrize(("text", "problem"), BROKEN)
