@@ -51,6 +51,8 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
         (["--standalone", "--driver-name", "a" * 64], "63 characters"),
         (["--standalone", "--log-format", "xml"], "--log-format"),
         (["--standalone", "--renewal-workers", "0"], "--renewal-workers"),
+        (["--standalone", "--cluster-domain", "Cluster.Local"], "--cluster-domain"),
+        (["--standalone", "--trust-domain", "spiffe://x"], "--trust-domain"),
     ],
 )
 def test_invalid_settings_name_the_setting(argv: list[str], message: str) -> None:
@@ -102,3 +104,18 @@ def test_invalid_limit_settings_name_the_setting(argv: list[str], message: str) 
     with pytest.raises(ConfigError) as info:
         resolve_args("--standalone", *argv)
     assert message in str(info.value)
+
+
+def test_policy_settings_from_flags_environment_and_file(tmp_path: Path) -> None:
+    defaults = resolve_args("--standalone")
+    assert defaults.policy_file is None and defaults.policy_for_cert_manager is False
+    assert (defaults.cluster_domain, defaults.trust_domain) == ("cluster.local", "cluster.local")
+    config = tmp_path / "config.yaml"
+    config.write_text("policy: /etc/p/policy.yaml\npolicy-for-cert-manager: true\n")
+    env = {"CERT_AGENT_CLUSTER_DOMAIN": "corp.example", "CERT_AGENT_TRUST_DOMAIN": "td.example"}
+    resolved = resolve_args("--standalone", "--config", str(config), environ=env)
+    assert resolved.policy_file == Path("/etc/p/policy.yaml")
+    assert resolved.policy_for_cert_manager is True
+    assert (resolved.cluster_domain, resolved.trust_domain) == ("corp.example", "td.example")
+    flagged = resolve_args("--standalone", "--policy", "/x.yaml", "--no-policy-for-cert-manager")
+    assert flagged.policy_file == Path("/x.yaml") and flagged.policy_for_cert_manager is False
