@@ -31,6 +31,7 @@ ALERTS = {
     "CertAgentCAExpiringSoon",
     "CertAgentNodeCANotRenewed",
     "CertAgentTmpfsAlmostFull",
+    "CertAgentPolicyReloadFailed",
 }
 
 
