@@ -232,6 +232,7 @@ class Agent:
                 "metrics_port": self.health.port,
                 "volumes_recovered": recovered,
                 "mounts": self.mounter.can_mount,
+                "policy": self.policy.policy.source,
             },
         )
 
