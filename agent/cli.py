@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--namespace", required=True, help="the pod's namespace")
     check.add_argument("--pod-name", required=True)
     check.add_argument("--service-account", default="default")
-    check.add_argument("--pod-uid", default="", help="default: a random UUID")
+    check.add_argument("--pod-uid", default="", help="default: a UUID derived from the pod's name")
     check.add_argument("--cluster-domain", default="cluster.local", help="${CLUSTER_DOMAIN}")
     check.add_argument("--trust-domain", default="cluster.local", help="${TRUST_DOMAIN}")
     check.add_argument(
@@ -261,9 +261,11 @@ def _policy_check(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"cert-agent: invalid policy: {exc}", file=sys.stderr)
         return 2
-    pod = PodIdentity(args.pod_name, args.namespace, args.pod_uid, args.service_account)
+    # A stable stand-in UID (only ${POD_UID} patterns see it), as `publish` makes one.
+    uid = args.pod_uid or str(uuid.uuid5(_POD_UID_NAMESPACE, f"{args.namespace}/{args.pod_name}"))
+    pod = PodIdentity(args.pod_name, args.namespace, uid, args.service_account)
     try:
-        spec, pod_info = parse_volume_context(pod_volume_context(pod.with_uid(), attributes))
+        spec, pod_info = parse_volume_context(pod_volume_context(pod, attributes))
     except AgentError as exc:
         print(f"cert-agent: {exc.code}: {exc.message}", file=sys.stderr)
         return 2

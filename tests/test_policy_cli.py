@@ -96,7 +96,7 @@ def test_the_cert_manager_prefix_and_issuers_are_understood() -> None:
         "--attr", "csi.cert-manager.io/dns-names=${POD_NAME}.${POD_NAMESPACE}.svc",
     )  # fmt: skip
     assert result.returncode == 0
-    assert "Issuer/ca-cluster-issuer.cert-manager.io is a cert-manager issuer" in result.stdout
+    assert "Issuer ca-cluster-issuer (cert-manager.io) is a cert-manager issuer" in result.stdout
     assert "--policy-for-cert-manager" in result.stdout
 
 
