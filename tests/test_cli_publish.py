@@ -24,7 +24,7 @@ def test_rerunning_the_same_publish_is_idempotent(agent_process: object, tmp_pat
     agent: AgentProcess = agent_process()  # type: ignore[operator]
     target = kubelet_target(tmp_path / "kubelet", "pod-1")
     args = ["publish", "--endpoint", agent.endpoint, "--target", str(target)]
-    args += ["--pod-name", "es-0", "--attr", "dns-names=es-0.example.com"]
+    args += ["--pod-name", "es-0", "--attr", "dns-names=es-0.default.svc"]
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     certificate = (target / "tls.crt").read_bytes()

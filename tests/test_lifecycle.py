@@ -388,7 +388,15 @@ def test_allow_ca_with_a_ca_that_may_sign_cas_issues_a_verifiable_ca(
     from tests.test_local_issuer import make_openssl_ca
 
     root_crt, root_key, _, _ = make_openssl_ca(tmp_path)  # a root without pathlen
-    agent = agent_factory(allow_ca=True, ca_cert_file=root_crt, ca_key_file=root_key)  # type: ignore[operator]
+    # A CA certificate needs --allow-ca and an issuance policy rule that allows it.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "rules:\n  - name: team-ca\n    namespaces: ['default']\n    is-ca: true\n"
+        "    subject: {common-name: ['team CA']}\n"
+    )
+    agent = agent_factory(  # type: ignore[operator]
+        allow_ca=True, ca_cert_file=root_crt, ca_key_file=root_key, policy_file=policy
+    )
     attributes = {"csi.cert-agent.io/common-name": "team CA", "csi.cert-agent.io/is-ca": "true"}
     attributes["csi.cert-agent.io/key-usages"] = "cert sign,crl sign"
     volume = agent.publish(agent.pod("ca-0"), attributes)

@@ -21,7 +21,7 @@ def scrape(agent: RunningAgent, accept: str) -> str:
 )
 def test_no_created_samples_on_the_real_endpoint(agent: RunningAgent, accept: str) -> None:
     # Exercise every counter and histogram first: a success, a failure, a gRPC error.
-    agent.publish(agent.pod("web-0"), {"csi.cert-agent.io/dns-names": "web-0.example.com"})
+    agent.publish(agent.pod("web-0"), {"csi.cert-agent.io/dns-names": "web-0.default.svc"})
     with pytest.raises(grpc.RpcError):
         agent.client.publish(agent.pod("bad").request({"csi.cert-agent.io/dns-names": "a_b"}))
     text = scrape(agent, accept)

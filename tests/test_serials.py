@@ -60,7 +60,7 @@ def test_published_and_renewed_serials_are_logged_as_openssl_prints_them(
 ) -> None:
     caplog.set_level(logging.INFO, logger="agent")
     pod = agent.pod("web-0")
-    target = agent.publish(pod, {"csi.cert-agent.io/dns-names": "web-0.example.com"})
+    target = agent.publish(pod, {"csi.cert-agent.io/dns-names": "web-0.default.svc"})
     printed = openssl("x509", "-noout", "-serial", "-in", str(target / "tls.crt")).strip()
     logged = [r for r in caplog.records if r.getMessage() == "published volume"]
     assert [f"serial={r.serial}" for r in logged] == [printed]  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ def test_documented_verify_command_accepts_a_chain_from_an_intermediate_ca(
     (ca_dir / "tls.key").write_bytes(int_key.read_bytes())
     (ca_dir / "ca.crt").write_bytes(root_crt.read_bytes())
     agent = agent_factory(ca_dir=ca_dir)  # type: ignore[operator]
-    volume = agent.publish(agent.pod("es-0"), {"csi.cert-agent.io/dns-names": "es-0.example"})
+    volume = agent.publish(agent.pod("es-0"), {"csi.cert-agent.io/dns-names": "es-0.default.svc"})
     assert (volume / "tls.crt").read_text().count("BEGIN CERTIFICATE") == 2
 
     # The form the README used to show fails on exactly this volume...
