@@ -65,7 +65,9 @@ def start_agent(
     kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
     pod_uid = str(uuid.uuid4())
 
-    def start(issue_timeout_seconds: float = 5.0, **node_ca: Any) -> RunningAgent:
+    def start(
+        issue_timeout_seconds: float = 5.0, policy_file: Path | None = None, **node_ca: Any
+    ) -> RunningAgent:
         fields: dict[str, Any] = {
             "issuer_name": "ca-cluster-issuer",
             "issuer_kind": "ClusterIssuer",
@@ -83,6 +85,7 @@ def start_agent(
             pod_uid=pod_uid,
             pod_namespace=NAMESPACE,
             issue_timeout_seconds=issue_timeout_seconds,
+            policy_file=policy_file,
         )
 
     return start
@@ -201,6 +204,17 @@ def test_one_request_makes_the_node_ca_and_pods_get_chains_that_verify_and_hands
     assert metric(agent, info) == 1
 
 
+def allow_everything(tmp_path: Path) -> Path:
+    """An issuance policy that allows every name, key and is-ca (it leaves the node CA alone)."""
+    policy = tmp_path / "allow-everything.yaml"
+    policy.write_text(
+        "rules:\n  - name: anything\n    namespaces: ['*']\n    dns-names: ['**']\n"
+        "    uri-sans: ['**']\n    ip-sans: ['0.0.0.0/0', '::/0']\n"
+        "    subject: {common-name: ['**']}\n    is-ca: true\n"
+    )
+    return policy
+
+
 @pytest.mark.parametrize(
     ("attributes", "named"),
     [
@@ -217,8 +231,10 @@ def test_names_outside_the_constraints_are_refused_and_leave_nothing(
     node_signer: FakeSigner,
     attributes: dict[str, str],
     named: str,
+    tmp_path: Path,
 ) -> None:
-    agent = start_agent()
+    # A policy that allows anything: the node CA's own constraints are what is tested here.
+    agent = start_agent(policy_file=allow_everything(tmp_path))
     node_ca_of(agent).wait_for_attempts(1)
     pod = agent.pod("team-a-0", namespace="team-a")
     with pytest.raises(grpc.RpcError) as error:
@@ -231,9 +247,9 @@ def test_names_outside_the_constraints_are_refused_and_leave_nothing(
 
 
 def test_is_ca_volumes_are_refused(
-    start_agent: Callable[..., RunningAgent], node_signer: FakeSigner
+    start_agent: Callable[..., RunningAgent], node_signer: FakeSigner, tmp_path: Path
 ) -> None:
-    agent = start_agent()
+    agent = start_agent(policy_file=allow_everything(tmp_path))  # the node CA refuses, not it
     node_ca_of(agent).wait_for_attempts(1)
     pod = agent.pod("ca-0", namespace="team-a")
     attributes = {"csi.cert-agent.io/common-name": "sub ca", "csi.cert-agent.io/is-ca": "true"}

@@ -217,6 +217,10 @@ GLOB_CASES = [
         {"uris": ("https://a.evil.com/.example.com/x",)},
         False,
     ),
+    ('uri-sans: ["**"]', {"uris": ("spiffe://td/ns/a/sa/b",)}, True),
+    ('uri-sans: ["**"]', {"uris": ("https://a.example/?q=1",)}, False),
+    ('uri-sans: ["spiffe://td/**"]', {"uris": ("spiffe://td/ns/a/sa/b",)}, True),
+    ('uri-sans: ["spiffe://td/**"]', {"uris": ("spiffe://td2/ns/a",)}, False),
     ('uri-sans: ["urn:team-a:*"]', {"uris": ("urn:team-a:svc",)}, True),
     ('uri-sans: ["urn:team-a:*"]', {"uris": ("urn:team-a:svc?x",)}, False),
     # emails: exact local part, DNS-like domain

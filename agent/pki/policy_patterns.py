@@ -4,7 +4,8 @@ A pattern is compared with one requested value. Patterns are split into segments
 that depends on what they match: ``.`` for DNS names, email domains, namespaces, otherName
 values and subject fields; ``/`` for URIs. In a pattern:
 
-- a segment that is exactly ``**`` matches one or more whole segments;
+- a segment that is exactly ``**`` matches one or more whole segments (in a URI: any run of
+  characters but ``?`` and ``#``, since URIs have empty segments such as the one in ``//``);
 - a segment that is exactly ``*`` matches exactly one non-empty segment;
 - ``*`` inside a segment (``es-*``) matches any run of characters within that one segment;
 - ``${POD_NAME}``, ``${POD_NAMESPACE}``, ``${POD_UID}``, ``${SERVICE_ACCOUNT_NAME}``,
@@ -151,7 +152,11 @@ def _translate(text: str, separator: str, segment: str, values: Mapping[str, str
             out.append(re.escape(values[text[i + 2 : end]]))
             i = end + 1
         elif text.startswith("**", i):
-            out.append(f"{segment}+(?:{re.escape(separator)}{segment}+)*")
+            if separator == "/":
+                # URI segments may be empty ("spiffe://td/..."): '**' spans anything but ?#.
+                out.append("[^?#]+")
+            else:
+                out.append(f"{segment}+(?:{re.escape(separator)}{segment}+)*")
             i += 2
         elif text[i] == "*":
             lone = (i == 0 or text[i - 1] == separator) and (i + 1 == n or text[i + 1] == separator)
