@@ -24,7 +24,7 @@ from tests.conftest import IS_ROOT, FakeClock, RunningAgent, wait_for
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="needs root: the agent's tmpfs is filled")
 
 ATTRIBUTES = {
-    "csi.cert-agent.io/dns-names": "${POD_NAME}.example.com",
+    "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc",
     "csi.cert-agent.io/key-algorithm": "ECDSA",
     "csi.cert-agent.io/duration": "1h",
     "csi.cert-agent.io/renew-before": "30m",
