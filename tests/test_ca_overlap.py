@@ -128,7 +128,7 @@ def publish(agent: RunningAgent, *names: str) -> list[Path]:
     return [
         agent.publish(
             agent.pod(n, namespace="elastic"),
-            {**ATTRIBUTES, "csi.cert-agent.io/dns-names": f"{n}.x"},
+            {**ATTRIBUTES, "csi.cert-agent.io/dns-names": f"{n}.elastic.svc"},
         )
         for n in names
     ]
