@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--cluster-domain", default="cluster.local", help="${CLUSTER_DOMAIN}")
     check.add_argument("--trust-domain", default="cluster.local", help="${TRUST_DOMAIN}")
     check.add_argument(
+        "--node-name", default=os.uname().nodename, help="${NODE_NAME} in attributes (the node)"
+    )
+    check.add_argument(
         "--attr",
         action="append",
         default=[],
@@ -265,7 +268,8 @@ def _policy_check(args: argparse.Namespace) -> int:
     uid = args.pod_uid or str(uuid.uuid5(_POD_UID_NAMESPACE, f"{args.namespace}/{args.pod_name}"))
     pod = PodIdentity(args.pod_name, args.namespace, uid, args.service_account)
     try:
-        spec, pod_info = parse_volume_context(pod_volume_context(pod, attributes))
+        context = pod_volume_context(pod, attributes)
+        spec, pod_info = parse_volume_context(context, args.node_name)
     except AgentError as exc:
         print(f"cert-agent: {exc.code}: {exc.message}", file=sys.stderr)
         return 2

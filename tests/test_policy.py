@@ -90,6 +90,9 @@ DEFAULT_CASES = [
     ({"uri_sans": "https://web.team-a.svc"}, "team-a", False),
     ({"ip_sans": "8.8.8.8"}, "team-a", False),
     ({"ip_sans": "10.0.0.1"}, "team-a", False),
+    # The pod's own IPs need pod-ips in a rule.
+    ({"ip_sans": "${POD_IP}", "dns_names": "web.team-a.svc"}, "team-a", False),
+    ({"ip_sans": "${POD_IPS}", "dns_names": "web.team-a.svc"}, "team-a", False),
     ({"email_sans": "web@team-a.svc"}, "team-a", False),
     ({"other_names": "2.5.4.3=web-0.node.es.team-a.es.local"}, "team-a", False),
     ({"common_name": "web.team-a.svc"}, "team-a", True),
@@ -264,6 +267,11 @@ GLOB_CASES = [
         {"ip_addresses": ("fd12::1", "192.168.1.8")},
         False,
     ),
+    # the pod's own addresses (${POD_IP}/${POD_IPS}): a keyword, not a range
+    ('ip-sans: ["pod-ips"]', {"pod_ips": True}, True),
+    ('ip-sans: ["10.0.0.0/8"]', {"pod_ips": True}, False),
+    ('ip-sans: ["pod-ips"]', {"pod_ips": True, "ip_addresses": ("10.0.0.1",)}, False),
+    ('ip-sans: ["pod-ips", "10.0.0.0/8"]', {"pod_ips": True, "ip_addresses": ("10.0.0.1",)}, True),
     # otherNames: per OID
     (
         'other-names: {"2.5.4.3": ["${POD_NAME}.node.*.${POD_NAMESPACE}.es.local"]}',
@@ -460,7 +468,7 @@ BROKEN = [
         "rules: [{namespaces: ['*'], ip-sans: ['10.0.0.1/8']}]",
         "rules[0].ip-sans[0]: '10.0.0.1/8' is not a CIDR",
     ),
-    ("rules: [{namespaces: ['*'], ip-sans: ['pod-ips']}]", "is not a CIDR"),
+    ("rules: [{namespaces: ['*'], ip-sans: ['pod-ip']}]", "nor pod-ips"),
     ("rules: [{namespaces: ['*'], other-names: {'x.y': ['a']}}]", "'x.y' is not a dotted OID"),
     ("rules: [{namespaces: ['*'], other-names: ['a']}]", "other-names must be a mapping"),
     ("rules: [{namespaces: ['*'], subject: {cn: ['a']}}]", "unknown field 'cn'"),

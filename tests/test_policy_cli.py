@@ -102,7 +102,7 @@ def test_the_cert_manager_prefix_and_issuers_are_understood() -> None:
 
 def test_a_broken_policy_file_exits_2_naming_the_place(tmp_path: Path) -> None:
     broken = tmp_path / "policy.yaml"
-    broken.write_text("rules:\n  - namespaces: ['*']\n    ip-sans: ['pod-ips']\n")
+    broken.write_text("rules:\n  - namespaces: ['*']\n    ip-sans: ['pod-ip']\n")
     result = check("--policy", str(broken), "--namespace", "a", "--pod-name", "b", "--attr", "x=y")
     assert result.returncode == 2
     assert "invalid policy" in result.stderr and "rules[0].ip-sans[0]" in result.stderr

@@ -76,6 +76,9 @@ class PolicyRequest:
     key_size: int | None = 2048
     duration_seconds: int | None = None  # None: the issuer's default
     is_ca: bool = False
+    # ${POD_IP}/${POD_IPS} in ip-sans: the pod's own addresses, filled in from the pod's status
+    # by the agent (never by the pod), so the policy decides only whether they may appear.
+    pod_ips: bool = False
 
     @classmethod
     def from_spec(cls, pod: PodInfo, spec: CertificateSpec) -> PolicyRequest:
@@ -94,6 +97,7 @@ class PolicyRequest:
             key_size=spec.key.size,
             duration_seconds=spec.duration_seconds,
             is_ca=spec.is_ca,
+            pod_ips=spec.wants_pod_ips,
         )
 
 
@@ -173,6 +177,7 @@ class Rule:
     max_duration_seconds: int | None = None
     keys: tuple[KeyRule, ...] = DEFAULT_KEYS
     is_ca: bool = False
+    pod_ips: bool = False  # "pod-ips" in ip-sans: the pod's own addresses (${POD_IP}, ${POD_IPS})
 
     def selects(self, namespace: str) -> bool:
         return any(p.matches(namespace, {}) for p in self.namespaces)
@@ -195,6 +200,11 @@ class Rule:
                     return f"does not allow any IP address (requested {quote(address)})"
                 allowed = ", ".join(str(n) for n in self.ip_ranges)
                 return f"does not allow IP address {quote(address)} (allowed: {allowed})"
+        if request.pod_ips and not self.pod_ips:
+            return (
+                "does not allow the pod's own IP addresses (${POD_IP}/${POD_IPS} in ip-sans; "
+                "a rule allows them with pod-ips in its ip-sans)"
+            )
         for other in request.other_names:
             patterns = self.other_names.get(other.oid, ())
             if not any(p.matches(other.value, values) for p in patterns):

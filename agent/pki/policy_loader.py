@@ -30,6 +30,7 @@ from agent.spec.durations import parse_go_duration
 from agent.spec.model import KeyAlgorithm
 
 DEFAULT_SOURCE = "built-in default"
+POD_IPS_KEYWORD = "pod-ips"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
@@ -171,6 +172,7 @@ def _rule(doc: Any, where: str, index: int) -> Rule:
         uris=_patterns(doc.get("uri-sans", []), Kind.URI, f"{where}.uri-sans"),
         emails=_patterns(doc.get("email-sans", []), Kind.EMAIL, f"{where}.email-sans"),
         ip_ranges=_ip_ranges(doc.get("ip-sans", []), f"{where}.ip-sans"),
+        pod_ips=POD_IPS_KEYWORD in (doc.get("ip-sans") or []),
         other_names=other_names,
         subject=subject,
         max_duration_seconds=_max_duration(doc.get("max-duration"), f"{where}.max-duration"),
@@ -209,11 +211,14 @@ def _ip_ranges(value: Any, where: str) -> tuple[IPNetwork, ...]:
         raise PolicyError(f"{where} must be a list of CIDRs")
     result: list[IPNetwork] = []
     for i, text in enumerate(value):
+        if text == POD_IPS_KEYWORD:
+            continue  # the pod's own addresses, see Rule.pod_ips
         try:
             result.append(ipaddress.ip_network(str(text), strict=True))
         except ValueError as exc:
             raise PolicyError(
-                f"{where}[{i}]: {text!r} is not a CIDR such as 10.0.0.0/8 or fd00::/8 ({exc})"
+                f"{where}[{i}]: {text!r} is not a CIDR such as 10.0.0.0/8 or fd00::/8 ({exc}), "
+                f"nor {POD_IPS_KEYWORD} (the pod's own addresses)"
             ) from None
     return tuple(result)
 

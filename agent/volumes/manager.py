@@ -308,7 +308,12 @@ class VolumeManager:
             with self._attempt("issue") as attempt:
                 attempt.start(self._issuer_label(spec))
                 # Decided before anything of the volume exists: a denial leaves nothing behind.
-                spec = self._apply_policy(spec, pod, "issue")
+                checked = self._apply_policy(spec, pod, "issue")
+                if checked.duration_seconds != spec.duration_seconds:  # the rule's lifetime cap
+                    issue_spec = dataclasses.replace(
+                        issue_spec, duration_seconds=checked.duration_seconds
+                    )
+                spec = checked
                 if new:
                     attempt.step = STORAGE
                     self.store.save(meta)
