@@ -352,6 +352,16 @@ def openssl(*args: str, input: bytes | None = None) -> str:
     return result.stdout.decode()
 
 
+NODE_AGENT_POLICY = """\
+rules:
+  - name: pod-ips
+    namespaces: ["*"]
+    dns-names: ["**"]
+    ip-sans: ["pod-ips", "127.0.0.0/8"]
+    subject: {common-name: ["**"]}
+"""
+
+
 @pytest.fixture
 def node_agent(
     fake: FakeKube, tmp_path: Path, agent_factory: Any, monkeypatch: pytest.MonkeyPatch
@@ -369,6 +379,10 @@ def node_agent(
     )
     fake.put_secret("cert-agent", "cert-agent-ca", {"ca.crt": pem(cert), "ca.key": key_pem})
     kubeconfig = fake.write_kubeconfig(tmp_path / "kubeconfig")
+    # ${POD_IP}/${POD_IPS} need an issuance policy that allows the pod's own addresses (the
+    # built-in default allows no IP SANs); these tests are about pod IPs and bundles, not names.
+    policy = tmp_path / "node-agent-policy.yaml"
+    policy.write_text(NODE_AGENT_POLICY)
 
     def start(**overrides: object) -> RunningAgent:
         values: dict[str, object] = {
@@ -376,6 +390,7 @@ def node_agent(
             "kubeconfig": str(kubeconfig),
             "ca_secret": ("cert-agent", "cert-agent-ca"),
             "issue_timeout_seconds": 5.0,
+            "policy_file": policy,
         }
         values.update(overrides)
         return agent_factory(**values)  # type: ignore[no-any-return, operator]

@@ -15,7 +15,7 @@ from tests.conftest import IS_ROOT, RunningAgent, openssl
 
 CM = "csi.cert-agent.io/"
 ATTRS = {
-    CM + "dns-names": "${POD_NAME}.svc",
+    CM + "dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc",
     CM + "credential-bundle-file": "tls.pem",
     CM + "key-algorithm": "ECDSA",
 }
