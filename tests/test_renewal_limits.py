@@ -32,7 +32,7 @@ def test_renew_before_longer_than_the_capped_lifetime_renews_at_two_thirds(
     pod = agent.pod("es-0")
     agent.publish(
         pod,
-        {"csi.cert-agent.io/dns-names": "es-0.example.com", "csi.cert-agent.io/renew-before": "2m"},
+        {"csi.cert-agent.io/dns-names": "es-0.default.svc", "csi.cert-agent.io/renew-before": "2m"},
     )
     meta = agent.agent.store.load(pod.volume_id)
     assert meta is not None and meta.state == VolumeState.READY
@@ -54,7 +54,7 @@ def test_duration_below_the_minimum_is_refused_naming_the_attribute(
         agent.publish(
             agent.pod("app"),
             {
-                "csi.cert-manager.io/dns-names": "app.example.com",
+                "csi.cert-manager.io/dns-names": "app.default.svc",
                 "csi.cert-manager.io/duration": "1s",
             },
         )
@@ -66,7 +66,7 @@ def test_duration_below_the_minimum_is_refused_naming_the_attribute(
     # The minimum itself is accepted.
     agent.publish(
         agent.pod("ok"),
-        {"csi.cert-agent.io/dns-names": "ok.example.com", "csi.cert-agent.io/duration": "1h"},
+        {"csi.cert-agent.io/dns-names": "ok.default.svc", "csi.cert-agent.io/duration": "1h"},
     )
 
 
@@ -79,7 +79,7 @@ def test_a_short_certificate_renews_no_more_often_than_the_floor(agent_factory: 
     pod = agent.pod("app")
     before = agent.agent.manager.clock()
     agent.publish(
-        pod, {"csi.cert-agent.io/dns-names": "app.example.com", "csi.cert-agent.io/duration": "1s"}
+        pod, {"csi.cert-agent.io/dns-names": "app.default.svc", "csi.cert-agent.io/duration": "1s"}
     )
     meta = agent.agent.store.load(pod.volume_id)
     assert meta is not None and meta.next_renewal is not None

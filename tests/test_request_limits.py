@@ -86,7 +86,7 @@ def test_error_messages_quote_long_inputs_shortened(agent: RunningAgent) -> None
         agent.client.publish(agent.pod("value").request({"example.com/team": "v" * 10_000}))
 
     def long_mount_group() -> None:
-        request = agent.pod("group").request({"csi.cert-agent.io/dns-names": "a.example.com"})
+        request = agent.pod("group").request({"csi.cert-agent.io/dns-names": "a.default.svc"})
         request.volume_capability.mount.volume_mount_group = "g" * 10_000
         agent.client.publish(request)
 
@@ -147,7 +147,7 @@ def test_probe_and_node_info_answer_while_publishes_fill_every_worker(
     agent: RunningAgent = agent_factory(grpc_workers=workers)  # type: ignore[operator]
     blocking = BlockingIssuer(agent.agent.issuers.local)
     agent.agent.issuers.local = blocking  # type: ignore[assignment]
-    attrs = {"csi.cert-agent.io/dns-names": "app.example.com"}
+    attrs = {"csi.cert-agent.io/dns-names": "app.default.svc"}
     pool = ThreadPoolExecutor(workers)
     try:
         pods = [agent.pod(f"app-{i}") for i in range(workers)]
@@ -202,7 +202,7 @@ def test_key_generation_runs_at_most_keygen_workers_at_once(
         return real_generate(spec)  # type: ignore[arg-type]
 
     monkeypatch.setattr(manager_module, "generate_private_key", slow_generate)
-    attrs = {"csi.cert-agent.io/dns-names": "app.example.com"}
+    attrs = {"csi.cert-agent.io/dns-names": "app.default.svc"}
     with ThreadPoolExecutor(5) as pool:
         try:
             futures = [pool.submit(agent.publish, agent.pod(f"k-{i}"), attrs) for i in range(5)]

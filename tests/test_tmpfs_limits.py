@@ -13,7 +13,7 @@ from tests.conftest import IS_ROOT, RunningAgent
 from tests.test_renewal_limits import sample
 
 ATTRS = {
-    "csi.cert-agent.io/dns-names": "app.example.com",
+    "csi.cert-agent.io/dns-names": "app.default.svc",
     "csi.cert-agent.io/key-algorithm": "ECDSA",
 }
 MiB = 1024 * 1024
