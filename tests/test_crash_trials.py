@@ -29,7 +29,7 @@ KILLS = int(os.environ.get("CERT_AGENT_CRASH_KILLS", "6"))
 SEED = int(os.environ.get("CERT_AGENT_CRASH_SEED", str(random.SystemRandom().randrange(1 << 30))))
 MAX_VOLUMES = 12
 ATTRS = {
-    "csi.cert-agent.io/dns-names": "${POD_NAME}.example.com",
+    "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc",
     "csi.cert-agent.io/key-algorithm": "ECDSA",
     # Short-lived so that renewals run all the time while the trial kills the agent.
     "csi.cert-agent.io/duration": "4s",

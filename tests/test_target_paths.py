@@ -22,7 +22,7 @@ from tests.conftest import IS_ROOT, AgentProcess, RunningAgent, kubelet_target
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to mount")
 ATTRS = {
-    "csi.cert-agent.io/dns-names": "app.example.com",
+    "csi.cert-agent.io/dns-names": "app.default.svc",
     "csi.cert-agent.io/key-algorithm": "ECDSA",
 }
 KUBELET = Path("/var/lib/kubelet")

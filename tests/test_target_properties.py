@@ -31,7 +31,7 @@ from tests.conftest import IS_ROOT, Pod, RunningAgent, kubelet_target
 
 EXAMPLES = int(os.environ.get("CERT_AGENT_HYPOTHESIS_EXAMPLES", "100"))
 ATTRS = {
-    "csi.cert-agent.io/dns-names": "${POD_NAME}.example.com",
+    "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc",
     "csi.cert-agent.io/key-algorithm": "ECDSA",
 }
 # Codes a request may get; anything else (INTERNAL above all) is a finding.
