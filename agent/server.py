@@ -328,7 +328,11 @@ class Agent:
         from agent.kube.volume_events import KubeVolumeEvents
 
         recorder = EventRecorder(
-            api, controller=self.config.driver_name, instance=self.config.node_id, clock=self.clock
+            api,
+            controller=self.config.driver_name,
+            instance=self.config.node_id,
+            clock=self.clock,
+            on_result=self.metrics.event_result,
         )
         recorder.start()
         self._closers.append(recorder.stop)

@@ -7,8 +7,10 @@ injected; the writer is driven with ``drain()`` so nothing waits on wall time.
 
 from __future__ import annotations
 
+import collections
 import random
 import re
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +189,10 @@ def backoff_delay_last(rng: random.Random) -> float:
 
 def test_a_storm_across_a_thousand_pods_is_bounded_per_agent(api: Any, fake: FakeKube) -> None:
     clock = Clock()
-    rec = recorder(api, clock, agent_burst=50, agent_qps=1.0)
+    results: collections.Counter[str] = collections.Counter()
+    rec = recorder(
+        api, clock, agent_burst=50, agent_qps=1.0, on_result=lambda r: results.update([r])
+    )
     events = KubeVolumeEvents(rec)
     pods = [Pod(f"web-{i}", "web", f"uid-{i}") for i in range(1000)]
     for pod in pods:
@@ -203,6 +208,8 @@ def test_a_storm_across_a_thousand_pods_is_bounded_per_agent(api: Any, fake: Fak
     total = len(writes(fake))
     assert total == 60
     assert rec.stats.failed == 0
+    # What /metrics counts (cert_agent_events_total{result}): every decision, once.
+    assert results == {"written": 60, "limited": 950 + 990}
 
 
 def test_recording_never_blocks_on_a_full_queue(api: Any, fake: FakeKube) -> None:
@@ -324,6 +331,11 @@ def test_a_failed_first_issue_puts_the_grpc_message_on_the_pod(
     assert event["regarding"]["uid"] == pod.uid
     assert event["metadata"]["namespace"] == "elastic"
     assert event["reportingInstance"] == "node-1"
+    assert cluster_agent.agent.events.wait_idle()
+    with urllib.request.urlopen(cluster_agent.metrics_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    assert 'cert_agent_events_total{result="written"} 1.0' in text
+    assert 'cert_agent_events_total{result="dropped"} 0.0' in text
 
 
 def test_a_denied_request_is_a_policy_denial_on_the_pod(

@@ -113,6 +113,7 @@ def test_the_dashboard_fits_the_sdks_dashboard_model() -> None:
         "Node CA requests by outcome",
         "Pod certificate requests by signer and outcome",
         "Pod certificate signing latency by signer",
+        "Events on pods by result",
     ):
         assert wanted in titles
 

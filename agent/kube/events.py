@@ -138,12 +138,15 @@ class EventRecorder:
         agent_qps: float = AGENT_QPS,
         queue_size: int = QUEUE_SIZE,
         flush_interval_seconds: float = FLUSH_INTERVAL_SECONDS,
+        on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.api = api
         self.controller = controller[:FIELD_LIMIT]
         self.instance = instance[:FIELD_LIMIT]
         self.clock = clock
         self.stats = RecorderStats()
+        # Told "written", "failed", "dropped" or "limited" (the agent counts them on /metrics).
+        self._on_result = on_result
         self._objects = _Buckets(
             object_burst, 1.0 / object_refill_seconds, clock, MAX_TRACKED_OBJECTS
         )
@@ -261,6 +264,7 @@ class EventRecorder:
         """Queue a write of ``series`` as it stands if the buckets and the queue allow (locked)."""
         if not (self._objects.available(object_key) and self._agent.available(None)):
             self.stats.limited += 1
+            self._tell("limited")
             return
         series_field = None
         if series.count > 1:
@@ -278,6 +282,7 @@ class EventRecorder:
             self._queue.put_nowait(write)
         except queue.Full:
             self.stats.dropped += 1
+            self._tell("dropped")
             return
         self._objects.take(object_key)
         self._agent.take(None)
@@ -318,14 +323,23 @@ class EventRecorder:
         try:
             self._write(write)
             self.stats.written += 1
+            self._tell("written")
         except Exception as exc:
             self.stats.failed += 1
+            self._tell("failed")
             self.stats.last_error = str(exc)[:300]
             log.debug("could not write an event: %s", exc, extra={"event": write.name})
         finally:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
+
+    def _tell(self, result: str) -> None:
+        if self._on_result is not None:
+            try:
+                self._on_result(result)
+            except Exception:
+                log.exception("event result callback failed")
 
     def _write(self, write: _Write) -> None:
         from kubernetes import client as k8s

@@ -58,6 +58,9 @@ GRPC_BUCKETS = ISSUE_BUCKETS
 # cert-manager round trip.
 POD_IP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# What became of an Event (agent/kube/events.py), pre-created at zero.
+EVENT_RESULTS = ("written", "failed", "dropped", "limited")
+
 _VOLUME_LABELS = ("namespace", "pod", "volume_id", "issuer")
 
 NODE_CA_OUTCOMES = (
@@ -233,6 +236,16 @@ class AgentMetrics:
             registry=r,
         )
         self.policy_last_reload_successful.set(1)
+        self.events = Counter(
+            "cert_agent_events",
+            "Kubernetes Events on pods by result: written; failed (refused or unreachable); "
+            "dropped (the writer's queue was full); limited (a rate limit deferred the write, "
+            "the occurrence still counts in its series).",
+            ["result"],
+            registry=r,
+        )
+        for result in EVENT_RESULTS:
+            self.events.labels(result)
         self._init_issuer(LOCAL_ISSUER)
 
     def _init_issuer(self, issuer: str) -> None:
@@ -361,6 +374,12 @@ class AgentMetrics:
         else:
             with contextlib.suppress(KeyError):
                 self.trust_bundle_stale.remove(source)
+
+    def event_result(self, result: str) -> None:
+        """One Event write decided or done (``EVENT_RESULTS``)."""
+        if result not in EVENT_RESULTS:
+            raise ValueError(f"event result must be one of {', '.join(EVENT_RESULTS)}")
+        self.events.labels(result).inc()
 
     def trust_bundle_rewritten(self) -> None:
         self.trust_bundle_rewrites.inc()

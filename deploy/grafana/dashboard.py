@@ -247,6 +247,23 @@ def build() -> Dashboard:
             .height(8)
             .span(12)
         )
+        .with_panel(
+            timeseries.Panel()
+            .title("Events on pods by result")
+            .description(
+                "Kubernetes Events the agents wrote on pods, and those a rate limit deferred "
+                "(counted in the Event's series), a full queue dropped, or the API refused."
+            )
+            .datasource(DATASOURCE)
+            .with_target(
+                query(
+                    "sum by (result) (increase(cert_agent_events_total[$__rate_interval]))",
+                    "{{result}}",
+                )
+            )
+            .height(8)
+            .span(24)
+        )
         .with_row(Row("Pod certificates (PodCertificateRequest signer)"))
         .with_panel(
             timeseries.Panel()
