@@ -439,6 +439,7 @@ class Agent:
 
     def _start_pcr(self, api: Any) -> None:
         """PodCertificateRequest signing (docs/pod-certificates.md), with the local CA."""
+        from agent.issuers.pcr_policy import pcr_policy
         from agent.issuers.pcr_service import PcrService
 
         self.pcr = PcrService(
@@ -449,6 +450,7 @@ class Agent:
             registry=self.metrics.registry,
             publish_trust_bundle=self.config.pcr_publish_trust_bundle,
             leaf_guard=None if self.node_ca is None else self.node_ca.check_leaf,
+            policy=pcr_policy(self.policy),
         )
         self._closers.append(self.pcr.stop)
         self.pcr.start()

@@ -49,6 +49,7 @@ def pcr_agent(fake: FakeKube, node_agent: Any) -> Any:
         return node_agent(  # type: ignore[no-any-return]
             pcr_signers=parse_signers([SIGNER], None),
             pcr_publish_trust_bundle=True,
+            policy_file=None,  # the built-in default policy allows the signer's default names
         )
 
     return start

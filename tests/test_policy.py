@@ -80,6 +80,9 @@ DEFAULT_CASES = [
     ({"dns_names": "web.team-a.svc.other.local"}, "team-a", False),
     ({"dns_names": "*.svc"}, "team-a", False),
     ({"dns_names": "web.team-a"}, "team-a", False),  # short names could be another zone
+    ({"dns_names": "web-0.team-a.pod.cluster.local"}, "team-a", True),  # its own pod name
+    ({"dns_names": "web-1.team-a.pod.cluster.local"}, "team-a", False),  # another pod's
+    ({"dns_names": "x.web-0.team-a.pod.cluster.local"}, "team-a", False),
     ({"uri_sans": "spiffe://cluster.local/ns/team-a/sa/web"}, "team-a", True),
     ({"uri_sans": "spiffe://cluster.local/ns/team-a/sa/${SERVICE_ACCOUNT_NAME}"}, "team-a", True),
     ({"uri_sans": "spiffe://cluster.local/ns/team-a/sa/admin"}, "team-a", False),

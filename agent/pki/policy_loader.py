@@ -35,7 +35,8 @@ DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 # The policy in force when no file is given: a pod gets DNS names in its own namespace's
-# Service zone, the SPIFFE ID of its own service account, and nothing else.
+# Service zone and its own name in the pod zone (the PCR signer's default), the SPIFFE ID of its
+# own service account, and nothing else.
 DEFAULT_POLICY_YAML = """\
 rules:
   - name: default
@@ -43,6 +44,7 @@ rules:
     dns-names:
       - "**.${POD_NAMESPACE}.svc"
       - "**.${POD_NAMESPACE}.svc.${CLUSTER_DOMAIN}"
+      - "${POD_NAME}.${POD_NAMESPACE}.pod.${CLUSTER_DOMAIN}"
     uri-sans:
       - "spiffe://${TRUST_DOMAIN}/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT_NAME}"
     subject:
