@@ -390,3 +390,22 @@ def test_standalone_mode_writes_no_events(agent: RunningAgent) -> None:
     pod = agent.pod("solo")
     with pytest.raises(grpc.RpcError):
         agent.publish(pod, {"csi.cert-agent.io/dns-names": "bad_name"})
+
+
+def test_a_denial_by_the_issuance_policy_is_a_policy_denial_on_the_pod(
+    node_agent: Any, fake: FakeKube
+) -> None:
+    """The agent's own policy engine (--policy; here the built-in default, which allows only
+    names under the pod's namespace) raises PERMISSION_DENIED: the manager turns it into a
+    PolicyDenied Event with the message kubelet gets, whatever rule said no."""
+    agent = node_agent(policy_file=None)
+    pod = agent.pod("web-0", namespace="web")
+    with pytest.raises(grpc.RpcError) as info:
+        agent.publish(pod, {"csi.cert-agent.io/dns-names": "www.example.com"})
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    fake.wait_until(lambda: bool(events_with(fake, "PolicyDenied")))
+    (event,) = events_with(fake, "PolicyDenied")
+    assert event["note"] == f"PermissionDenied: {info.value.details()}"
+    assert "www.example.com" in event["note"]
+    assert event["regarding"]["uid"] == pod.uid
+    assert events_with(fake, "IssueFailed") == []
