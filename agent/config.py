@@ -469,6 +469,7 @@ def _build(raw: dict[str, Any]) -> AgentConfig:
             raw["pcr-signer-name"] or [],
             raw["pcr-signers"],
             raw["cluster-domain"].strip(".").lower(),
+            raw["trust-domain"],
         )
     except PcrConfigError as exc:
         raise ConfigError(str(exc)) from exc

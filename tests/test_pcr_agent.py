@@ -3,6 +3,7 @@ and pod certificates, the metrics on /metrics, the signer-linked ClusterTrustBun
 
 from __future__ import annotations
 
+import datetime as dt
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -29,30 +30,43 @@ def ca_pem(fake: FakeKube) -> bytes:
     return base64.b64decode(secret["data"]["ca.crt"])
 
 
-def request(fake: FakeKube, name: str) -> dict[str, Any]:
-    pod = fake.put_pod("apps", name, "node-1")
+def request(fake: FakeKube, name: str, namespace: str = "apps") -> dict[str, Any]:
+    pod = fake.put_pod(namespace, name, "node-1")
     made = pcr_body(name=f"{name}-pcr", pod=pod, signer=SIGNER)
-    return fake.create(PCRS, "apps", made.body)
+    return fake.create(PCRS, namespace, made.body)
 
 
 def answered(fake: FakeKube, pcr: dict[str, Any]) -> dict[str, Any]:
-    name = pcr["metadata"]["name"]
-    fake.wait_until(lambda: condition(fake.get(PCRS, "apps", name)) is not None)
-    return fake.get(PCRS, "apps", name)
+    name, namespace = pcr["metadata"]["name"], pcr["metadata"]["namespace"]
+    fake.wait_until(lambda: condition(fake.get(PCRS, namespace, name)) is not None)
+    return fake.get(PCRS, namespace, name)
 
 
 @pytest.fixture
 def pcr_agent(fake: FakeKube, node_agent: Any) -> Any:
     install(fake)
 
-    def start() -> RunningAgent:
-        return node_agent(  # type: ignore[no-any-return]
-            pcr_signers=parse_signers([SIGNER], None),
-            pcr_publish_trust_bundle=True,
-            policy_file=None,  # the built-in default policy allows the signer's default names
-        )
+    def start(**overrides: Any) -> RunningAgent:
+        values: dict[str, Any] = {
+            "pcr_signers": parse_signers([SIGNER], None),
+            "pcr_publish_trust_bundle": True,
+            # The built-in default policy allows the signer's default names.
+            "policy_file": None,
+        }
+        return node_agent(**(values | overrides))  # type: ignore[no-any-return]
 
     return start
+
+
+# An issuance policy for the signer's default names, in one namespace, for two hours at most.
+PCR_POLICY = """\
+rules:
+  - name: pod-identity
+    namespaces: ["apps"]
+    dns-names: ["**.${POD_NAMESPACE}.pod.${CLUSTER_DOMAIN}"]
+    uri-sans: ["spiffe://${TRUST_DOMAIN}/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT_NAME}"]
+    max-duration: 2h
+"""
 
 
 def test_the_agent_signs_pcrs_with_its_ca_and_publishes_the_bundle(
@@ -184,3 +198,20 @@ def test_an_api_server_that_does_not_answer_never_holds_up_the_start(
     fake.wait_until(lambda: publisher.writes == 1)
     publisher.stop()
     assert fake.get(CLUSTER_TRUST_BUNDLES, "", BUNDLE)["spec"]["trustBundle"] == pem(cert).decode()
+
+
+def test_a_policy_file_caps_the_lifetime_and_denies_outside_its_rules(
+    pcr_agent: Any, fake: FakeKube, tmp_path: Path
+) -> None:
+    """--policy: a rule's max-duration shortens the certificate (maxExpirationSeconds is only a
+    ceiling); a namespace no rule selects is denied, with the policy's message."""
+    policy = tmp_path / "pcr-policy.yaml"
+    policy.write_text(PCR_POLICY)
+    pcr_agent(policy_file=policy)
+    allowed = answered(fake, request(fake, "web-0"))
+    leaf = x509.load_pem_x509_certificates(allowed["status"]["certificateChain"].encode())[0]
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(hours=2)
+    denied = answered(fake, request(fake, "web-0", namespace="other"))
+    cond = condition(denied)
+    assert cond is not None and (cond["type"], cond["reason"]) == ("Denied", "PolicyViolation")
+    assert "other" in cond["message"]

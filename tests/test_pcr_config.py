@@ -149,5 +149,23 @@ def test_the_documented_workload_and_settings_are_valid() -> None:
     (documented,) = resolved.pcr_signers
     (default,) = resolve_args("--pcr-signer-name", "cert-agent.io/pod-identity").pcr_signers
     assert documented == default
+    from agent.pki.policy_loader import load_policy_text
+
+    policy = next(b for b in blocks if "rules" in b)
+    assert load_policy_text(yaml.safe_dump(policy), "docs").rules[0].name == "pod-identity"
     bundle = next(b for b in blocks if b.get("kind") == "ClusterTrustBundle")
     assert bundle["metadata"]["name"] == bundle_name(bundle["spec"]["signerName"])
+
+
+def test_signer_domains_default_to_the_agents_trust_and_cluster_domains() -> None:
+    """The SPIFFE ID follows --trust-domain, as the built-in policy's ${TRUST_DOMAIN} does (a
+    signer defaulting to the cluster domain would be denied by the default policy)."""
+    config = resolve_args(
+        "--pcr-signer-name", "a.io/x", "--trust-domain", "prod.example.com",
+        "--cluster-domain", "k8s.example.com",
+    )  # fmt: skip
+    (signer,) = config.pcr_signers
+    assert (signer.trust_domain, signer.cluster_domain) == ("prod.example.com", "k8s.example.com")
+    names = expand(signer, PcrIdentity("apps", "web-0", "u", "web", "node-1"))
+    assert names.uris == ("spiffe://prod.example.com/ns/apps/sa/web",)
+    assert names.dns_names == ("web-0.apps.pod.k8s.example.com",)

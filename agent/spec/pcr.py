@@ -12,7 +12,7 @@ Shape of ``pcr-signers`` (YAML; a mapping from signer name to its settings, all 
       common-name: ""            # none by default
       max-duration: 24h          # the signer's own cap (spec.maxExpirationSeconds caps too)
       key-types: [ECDSAP256, ECDSAP384, ECDSAP521, ED25519, RSA3072, RSA4096]
-      trust-domain: <--cluster-domain>
+      trust-domain: <--trust-domain>
       cluster-domain: <--cluster-domain>
 """
 
@@ -115,10 +115,13 @@ def signer_name_problem(name: str) -> str | None:
 
 
 def parse_signers(
-    names: list[str], raw: Any, cluster_domain: str = "cluster.local"
+    names: list[str],
+    raw: Any,
+    cluster_domain: str = "cluster.local",
+    trust_domain: str = "cluster.local",
 ) -> tuple[PcrSignerConfig, ...]:
-    """One config per name in ``names``, from the ``pcr-signers`` mapping (or defaults).
-    ``cluster_domain`` (``--cluster-domain``) is the default cluster and trust domain."""
+    """One config per name in ``names``, from the ``pcr-signers`` mapping (or defaults);
+    ``--cluster-domain`` and ``--trust-domain`` are the defaults of a signer's domains."""
     for name in names:
         problem = signer_name_problem(name)
         if problem:
@@ -135,10 +138,11 @@ def parse_signers(
             f"--pcr-signers configures {', '.join(unknown)}, which --pcr-signer-name does not "
             "list; add it there or remove its settings"
         )
-    return tuple(_one(name, raw.get(name) or {}, cluster_domain) for name in names)
+    defaults = {"cluster-domain": cluster_domain, "trust-domain": trust_domain}
+    return tuple(_one(name, raw.get(name) or {}, defaults) for name in names)
 
 
-def _one(name: str, raw: Any, cluster_domain: str) -> PcrSignerConfig:
+def _one(name: str, raw: Any, defaults: dict[str, str]) -> PcrSignerConfig:
     where = f"--pcr-signers[{name}]"
     if not isinstance(raw, Mapping):
         raise PcrConfigError(f"{where} must be a mapping")
@@ -174,7 +178,7 @@ def _one(name: str, raw: Any, cluster_domain: str) -> PcrSignerConfig:
         )
     domains = {}
     for key in ("trust-domain", "cluster-domain"):
-        value = str(values.get(key) or cluster_domain)
+        value = str(values.get(key) or defaults[key])
         if len(value) > 253 or not _DOMAIN.fullmatch(value):
             raise PcrConfigError(f"{where}.{key} {value!r} must be a lower-case DNS name")
         domains[key] = value
