@@ -25,6 +25,7 @@ run: $(STAMP)
 	@echo "  $(BIN)/cert-agent publish --endpoint $(ENDPOINT) --target \$$T \\"
 	@echo "      --pod-name es-0 --pod-namespace elastic --attr 'dns-names=\$${POD_NAME}.\$${POD_NAMESPACE}.svc.cluster.local'"
 	@echo "  openssl verify -CAfile \$$T/ca.crt -untrusted \$$T/tls.crt \$$T/tls.crt"
+	@echo "  $(BIN)/cert-agent status --data-root $(RUN_DIR)/data"
 	@echo "  $(BIN)/cert-agent unpublish --endpoint $(ENDPOINT) --target \$$T"
 	@echo "Metrics: http://$(METRICS_ADDRESS)/metrics   Stop with Ctrl-C."
 	$(BIN)/cert-agent serve --standalone \
