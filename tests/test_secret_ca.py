@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from agent.errors import FailedPrecondition
 from agent.issuers.secret_ca import SecretCAProvider
 from agent.kube.client import KubeSettings, make_api_client
-from tests.fakekube import FakeKube, make_test_ca, pem
+from tests.fakekube import FakeKube, RequestRecord, make_test_ca, pem
 
 NS = "cert-agent"
 NAME = "agent-ca"
@@ -207,3 +208,85 @@ def test_stop_ends_the_watch_thread(fake: FakeKube, api: Any) -> None:
     provider.stop()
     threads = [t for t in threading.enumerate() if t.name == f"ca-secret-{NS}-{NAME}"]
     assert threads == []
+
+
+def secret_requests(fake: FakeKube, since: int) -> list[RequestRecord]:
+    with fake._cond:
+        return [r for r in fake.requests[since:] if "/secrets" in r.path]
+
+
+def is_watch(record: RequestRecord) -> bool:
+    return record.query.get("watch") in ("true", "1")
+
+
+def test_after_compaction_it_relists_once_and_watches_from_the_lists_version(
+    fake: FakeKube, api: Any
+) -> None:
+    """Regression: after a 410 the provider resumed from the Secret's own resourceVersion, older
+    than the compaction, and got 410 again, forever. It must list and watch from the list's."""
+    _, _, files1 = ca_files("ca one")
+    _, cert2, files2 = ca_files("ca two")
+    _, cert3, files3 = ca_files("ca three")
+    fake.put_secret(NS, NAME, files1)
+    provider = SecretCAProvider(api, NS, NAME)
+    provider.start()
+    try:
+        fake.put_secret(NS, NAME, files2)
+        wait_for(lambda: provider.current().certificate == cert2)  # the watch is streaming
+        mark = len(fake.requests)
+        # The cluster moves on (versions past the Secret's own), then etcd compacts them away.
+        unrelated = fake.put_secret(NS, "unrelated", files1)
+        compacted = int(unrelated["metadata"]["resourceVersion"])
+        fake.expire_history()
+        fake.cut_watches()
+
+        def watching_after_compaction() -> bool:
+            return any(
+                int(w.query.get("resourceVersion") or 0) >= compacted
+                for w in fake.active_watches("secrets")
+            )
+
+        fake.wait_until(watching_after_compaction)
+        fake.put_secret(NS, NAME, files3)
+        wait_for(lambda: provider.current().certificate == cert3)  # seen through that watch
+
+        requests = secret_requests(fake, mark)
+        watches = [r for r in requests if is_watch(r)]
+        lists = [r for r in requests if not is_watch(r) and r.path.endswith("/secrets")]
+        reads = [r for r in requests if r.path.endswith(f"/secrets/{NAME}")]
+        # One watch answered 410, one list, one watch from the list's version: no loop.
+        assert (len(watches), len(lists), len(reads)) == (2, 1, 0), requests
+        assert "resourceVersion" not in lists[0].query  # a fresh list, not a stale one
+    finally:
+        provider.stop()
+
+
+def test_a_server_that_keeps_answering_410_is_retried_with_backoff(
+    fake: FakeKube, api: Any
+) -> None:
+    _, _, files = ca_files("ca one")
+    fake.put_secret(NS, NAME, files)
+    backoffs: list[int] = []  # how many requests the server had seen at each backoff
+
+    def backoff(failures: int) -> float:
+        backoffs.append(len(fake.requests))
+        return 0.0
+
+    provider = SecretCAProvider(api, NS, NAME, backoff=backoff)
+    provider.start()
+    try:
+        fake.wait_for_watch(1, "secrets")
+        mark = len(fake.requests)
+        fake.gone_next_watches(5, path_contains="secrets")
+        fake.cut_watches()
+        fake.wait_until(lambda: fake.gone_pending == 0 and bool(fake.active_watches("secrets")))
+
+        with fake._cond:
+            indexed = list(enumerate(fake.requests))[mark:]
+        lists = [i for i, r in indexed if r.path.endswith("/secrets") and not is_watch(r)]
+        assert 1 <= len(lists) <= 5
+        for before, after in itertools.pairwise(lists):
+            # A list whose watch was answered 410 at once is not repeated without a backoff.
+            assert any(before < b <= after for b in backoffs), (lists, backoffs)
+    finally:
+        provider.stop()

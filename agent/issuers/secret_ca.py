@@ -16,24 +16,21 @@ import binascii
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Generator, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import urllib3
 from kubernetes import client as k8s
-from kubernetes import watch as k8s_watch
-from kubernetes.client.exceptions import ApiException
 
-from agent.errors import AgentError, FailedPrecondition
-from agent.kube.client import NotFound, backoff_delay, is_retryable, map_api_error, with_retries
+from agent.errors import FailedPrecondition
+from agent.kube.client import NotFound, backoff_delay, with_retries
+from agent.kube.informer import Informer, Snapshot
 from agent.pki.ca import CAError, CertificateAuthority, load_ca_pem
 
 log = logging.getLogger(__name__)
 
 CERT_KEY = "ca.crt"
 KEY_KEY = "ca.key"
-WATCH_SECONDS = 300  # server-side timeout of one watch; then we simply watch again
 STARTUP_SECONDS = 30.0
 
 Obj = dict[str, Any]
@@ -48,7 +45,7 @@ class PreviousCA:
 
 
 class SecretCAProvider:
-    """A ``CAProvider`` backed by a Secret, kept current by a watch thread."""
+    """A ``CAProvider`` backed by a Secret, kept current by a list+watch (``kube/informer``)."""
 
     def __init__(
         self,
@@ -60,6 +57,7 @@ class SecretCAProvider:
         on_load: Callable[[CertificateAuthority], None] | None = None,
         startup_timeout: float = STARTUP_SECONDS,
         require_at_start: bool = True,
+        backoff: Callable[[int], float] = backoff_delay,
     ) -> None:
         self._core = k8s.CoreV1Api(api)
         self.namespace = namespace
@@ -72,11 +70,19 @@ class SecretCAProvider:
         self._current: CertificateAuthority | None = None
         self._previous: list[PreviousCA] = []  # newest first
         self._data: dict[str, str] | None = None
-        self._resource_version: str | None = None
-        self._stop = threading.Event()
-        self._watcher: Any = None
-        self._thread: threading.Thread | None = None
+        self._deleted = False
         self.last_error: str | None = None
+        # The list+watch of this one Secret: after a 410 (compaction) it lists again and
+        # watches from the list's version, never from the Secret's own older one.
+        self._informer = Informer(
+            self._core.list_namespaced_secret,
+            args=(namespace,),
+            field_selector=f"metadata.name={name}",
+            what=f'list and watch secrets "{name}" in namespace "{namespace}"',
+            on_change=self._on_snapshot,
+            name=f"ca-secret-{namespace}-{name}",
+            backoff=backoff,
+        )
 
     @property
     def source(self) -> str:
@@ -100,24 +106,10 @@ class SecretCAProvider:
                 raise
             self.last_error = exc.message
             log.error("local CA not available yet", extra={"error": exc.message})
-        self._thread = threading.Thread(
-            target=self._run, name=f"ca-secret-{self.namespace}-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._informer.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        thread = self._thread
-        if thread is None:
-            return
-        # Cut the watch's socket until the thread notices: it may be between connecting and
-        # getting the response, when there is nothing to cut yet.
-        deadline = time.monotonic() + 10
-        while thread.is_alive() and time.monotonic() < deadline:
-            watcher = self._watcher
-            if watcher is not None:
-                watcher.stop()
-            thread.join(0.05)
+        self._informer.stop()
 
     # ---- CAProvider
 
@@ -214,7 +206,6 @@ class SecretCAProvider:
     def _apply(self, secret: Obj, *, initial: bool = False) -> None:
         """Load the Secret's CA; on a later change keep the old CA in the bundle."""
         data = dict(secret.get("data") or {})
-        self._resource_version = secret.get("metadata", {}).get("resourceVersion")
         if not initial and data == self._data:
             return  # metadata-only change
         try:
@@ -263,67 +254,16 @@ class SecretCAProvider:
 
     # ---- watching
 
-    def _run(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                self._watch_once()
-                failures = 0
-                continue
-            except ApiException as exc:
-                if exc.status == 410:
-                    failures = 0
-                elif not is_retryable(exc):
-                    log.error(
-                        "cannot watch the CA Secret",
-                        extra={"error": map_api_error(exc, self._watch_what()).message},
-                    )
-            except urllib3.exceptions.HTTPError as exc:
-                log.info("CA Secret watch dropped", extra={"error": str(exc)[:200]})
-            except AgentError as exc:
-                log.error("CA Secret watch failed", extra={"error": exc.message})
-            if self._stop.wait(backoff_delay(failures)):
-                return
-            failures += 1
-            self._resync()
-
-    def _watch_what(self) -> str:
-        return f'watch secrets "{self.name}" in namespace "{self.namespace}"'
-
-    def _resync(self) -> None:
-        """After a 410 or a drop: read the Secret again (a change may have been missed)."""
-        try:
-            secret = self._read(time.monotonic() + WATCH_SECONDS)
-        except AgentError as exc:
-            log.error("cannot read the CA Secret", extra={"error": exc.message})
-            return
-        self._apply(secret)
-
-    def _watch_once(self) -> None:
-        watcher = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-        self._watcher = watcher
-        stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
-            self._core.list_namespaced_secret,
-            self.namespace,
-            field_selector=f"metadata.name={self.name}",
-            resource_version=self._resource_version,
-            timeout_seconds=WATCH_SECONDS,
-            _request_timeout=(10, WATCH_SECONDS + 10),
-        )
-        try:
-            for event in stream:
-                if self._stop.is_set():
-                    return
-                raw: Obj = event["raw_object"]
-                if event["type"] == "DELETED":
-                    self._resource_version = raw.get("metadata", {}).get("resourceVersion")
-                    self.last_error = f"the CA {self.source} was deleted"
-                    log.error(
-                        "CA Secret deleted; still signing with the last CA loaded from it",
-                        extra={"secret": self.source},
-                    )
-                elif event["type"] in ("ADDED", "MODIFIED"):
-                    self._apply(raw)
-        finally:
-            stream.close()
-            self._watcher = None
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        """The informer's view of the one Secret: load a change, report a deletion once."""
+        secret = snapshot.get(f"{self.namespace}/{self.name}")
+        if secret is not None:
+            self._deleted = False
+            self._apply(secret)
+        elif self._data is not None and not self._deleted:
+            self._deleted = True
+            self.last_error = f"the CA {self.source} was deleted"
+            log.error(
+                "CA Secret deleted; still signing with the last CA loaded from it",
+                extra={"secret": self.source},
+            )

@@ -1,6 +1,7 @@
 """One list+watch of a set of objects, kept in memory: the agent's small informer.
 
-List, then watch from the list's resourceVersion; on 410 Gone list again; on a dropped
+List, then watch from the list's resourceVersion; on 410 Gone list again (after a backoff when
+the watch from a fresh list is already gone); on a dropped
 connection watch again from the last version seen; on errors back off (full jitter, capped).
 Every request goes through the agent's rate-limited client. ``on_change`` gets the whole
 current set after the initial list, after every relist and after every event, so consumers
@@ -116,19 +117,26 @@ class Informer:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            listed = False
             try:
                 if self._resource_version is None:
                     self._list()
+                    listed = True
                 self._watch()
                 failures = 0
                 continue
             except ApiException as exc:
                 if exc.status == 410:
-                    log.info("watch expired, listing again", extra={"what": self.what})
                     self._resource_version = None
                     self.relists += 1
-                    continue
-                self._fail(map_api_error(exc, self.what), retryable=is_retryable(exc))
+                    if not listed:
+                        log.info("watch expired, listing again", extra={"what": self.what})
+                        continue
+                    # Gone even from the version a list just gave: listing again at once would
+                    # loop as fast as the server answers, so back off like any failure.
+                self._fail(
+                    map_api_error(exc, self.what), retryable=is_retryable(exc) or exc.status == 410
+                )
             except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
                 self._fail(map_api_error(exc, self.what), retryable=True)
             except AgentError as exc:
