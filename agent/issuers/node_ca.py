@@ -23,19 +23,23 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.errors import AgentError, FailedPrecondition, PermissionDenied, Unavailable
-from agent.issuers.base import IssuedCertificate, Issuer, IssueRequest
+from agent.issuers.base import IssuedCertificate, Issuer
+from agent.issuers.node_ca_plan import (
+    NodeCASettings,
+    node_ca_issue_request,
+    reissue_due,
+    renewal_time,
+)
 from agent.issuers.node_ca_store import NodeCAStore, StoredNodeCA
 from agent.observe.metrics import AgentMetrics
 from agent.pki.ca import CAError, CertificateAuthority, is_self_signed
 from agent.pki.intermediate import (
-    NODE_CA_USAGES,
     build_node_ca_csr,
     encode_key,
     generate_node_ca_key,
@@ -43,50 +47,15 @@ from agent.pki.intermediate import (
     node_ca_from_issued,
 )
 from agent.pki.keys import PrivateKey, load_private_key
-from agent.pki.name_constraints import PermittedNames, carries, constraints_of, violations
-from agent.spec.model import CertificateSpec, IssuerRef, PodInfo
+from agent.pki.name_constraints import carries, constraints_of, violations
+
+__all__ = ["NodeCAProvider", "NodeCASettings", "reissue_due", "renewal_time"]
 
 log = logging.getLogger(__name__)
 
-SPREAD_FRACTION = 0.05  # renewal moves earlier by up to 5 % of the lifetime ...
-MAX_SPREAD_SECONDS = 3600.0  # ... and at most an hour, so nodes started together spread out
 RETRY_BASE_SECONDS = 5.0
 RETRY_CAP_SECONDS = 300.0
 MAX_SLEEP_SECONDS = 600.0  # look at the (wall) clock again at least this often
-ANNOTATION_PURPOSE = "cert-agent.io/purpose"
-
-
-@dataclass(frozen=True)
-class NodeCASettings:
-    issuer: IssuerRef
-    namespace: str
-    node_id: str
-    permitted: PermittedNames
-    duration_seconds: int = 24 * 3600
-    renew_before_seconds: int | None = None  # None: a third of the issued lifetime
-    require_name_constraints: bool = False
-    # The agent's own Pod (downward API): owner of the request, so it goes away with the Pod.
-    # Only used when the request is made in the Pod's namespace (owner references are local).
-    pod_name: str | None = None
-    pod_uid: str | None = None
-    pod_namespace: str | None = None
-    request_timeout_seconds: float = 60.0
-
-
-def renewal_time(
-    not_before: float, not_after: float, renew_before: int | None, rng: random.Random
-) -> float:
-    """When a node CA valid from ``not_before`` to ``not_after`` renews (epoch seconds)."""
-    lifetime = max(0.0, not_after - not_before)
-    ahead = lifetime / 3 if renew_before is None or renew_before >= lifetime else renew_before
-    spread = rng.uniform(0.0, min(lifetime * SPREAD_FRACTION, MAX_SPREAD_SECONDS))
-    return max(not_before, not_after - ahead - spread)
-
-
-def reissue_due(now: float, leaf_not_after: float, rng: random.Random) -> float:
-    """When to move a pod certificate of the old node CA to the new one: a random point in the
-    first half of what is left of it, so pods do not all renew at once and none runs late."""
-    return now + rng.uniform(0.0, max(0.0, (leaf_not_after - now) / 2))
 
 
 class NodeCAProvider:
@@ -267,7 +236,7 @@ class NodeCAProvider:
             extra={"issuer": self.issuer, "namespace": self.settings.namespace},
         )
         issued = self._requester.issue(
-            self._issue_request(csr_pem), self.settings.request_timeout_seconds
+            node_ca_issue_request(self.settings, csr_pem), self.settings.request_timeout_seconds
         )
         with self._cond:
             if self._stopping:
@@ -300,26 +269,6 @@ class NodeCAProvider:
         key = generate_node_ca_key()
         self._store.save_pending_key(encode_key(key))
         return key
-
-    def _issue_request(self, csr_pem: bytes) -> IssueRequest:
-        s = self.settings
-        owned = bool(s.pod_name and s.pod_uid and s.pod_namespace == s.namespace)
-        pod = PodInfo(
-            name=(s.pod_name or "") if owned else "",
-            namespace=s.namespace,
-            uid=(s.pod_uid or "") if owned else "",
-            service_account="",
-        )
-        spec = CertificateSpec(
-            issuer=s.issuer,
-            duration_seconds=s.duration_seconds,
-            key_usages=NODE_CA_USAGES,
-            is_ca=True,
-            annotations=((ANNOTATION_PURPOSE, "node-ca"),),
-        )
-        return IssueRequest(
-            volume_id=f"node-ca.{s.node_id}", node_id=s.node_id, pod=pod, spec=spec, csr_pem=csr_pem
-        )
 
     def _validate(
         self, key: PrivateKey, issued: IssuedCertificate
