@@ -542,3 +542,30 @@ def test_concurrent_reader_never_sees_a_mixed_pair_or_a_missing_file(tmp_path: P
     assert max(seen) <= swaps
     assert len(hidden_dirs(directory)) == 2  # the current generation and the one before
     assert read_payload_file(directory, "tls.key") == _generation(swaps)["tls.key"]
+
+
+def test_count_lists_the_volumes_once_then_follows_saves_and_removes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The managed-volumes gauge is set on every publish and unpublish: counting must not list
+    the volumes directory (and stat every volume) each time, or both grow with the volume count."""
+    earlier = VolumeStore(tmp_path)
+    for i in range(3):
+        earlier.save(make_meta(f"vol-{i}"))
+    earlier.save_pending_key("vol-pending", b"key")  # a directory without metadata
+    store = VolumeStore(tmp_path)  # a restarted agent
+    assert store.count() == 3
+
+    def no_listing(path: object) -> list[str]:
+        raise AssertionError(f"count() listed {path} again")
+
+    monkeypatch.setattr(os, "listdir", no_listing)
+    store.save(make_meta("vol-3"))
+    store.save(make_meta("vol-3"))  # saved again: still one volume
+    assert store.count() == 4
+    store.remove("vol-0")
+    store.remove("vol-0")  # idempotent
+    store.remove("vol-never")
+    assert store.count() == 3
+    monkeypatch.undo()
+    assert store.count() == VolumeStore(tmp_path).count() == 3

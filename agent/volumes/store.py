@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -160,6 +161,11 @@ class VolumeStore:
     def __init__(self, data_root: Path) -> None:
         self.data_root = Path(data_root)
         self._volumes = self.data_root / "volumes"
+        # Ids of volumes with metadata, counted once from disk and then kept up to date by save
+        # and remove: the gauge is set on every publish and unpublish, and listing the directory
+        # each time made both grow with the number of volumes.
+        self._with_meta: set[str] | None = None
+        self._with_meta_lock = threading.Lock()
 
     def _volume_dir(self, volume_id: str) -> Path:
         validate_volume_id(volume_id)
@@ -208,12 +214,21 @@ class VolumeStore:
         return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def count(self) -> int:
-        """How many volumes have metadata: one stat each, no parsing (for the gauge)."""
-        try:
-            names = os.listdir(self._volumes)
-        except FileNotFoundError:
-            return 0
-        return sum(1 for name in names if os.path.isfile(self._volumes / name / META_FILE))
+        """How many volumes have metadata (for the gauge): O(1) after the first call, which
+        stats each volume's metadata file once."""
+        with self._with_meta_lock:
+            return len(self._volumes_with_meta())
+
+    def _volumes_with_meta(self) -> set[str]:
+        if self._with_meta is None:
+            try:
+                names = os.listdir(self._volumes)
+            except FileNotFoundError:
+                names = []
+            self._with_meta = {
+                name for name in names if os.path.isfile(self._volumes / name / META_FILE)
+            }
+        return self._with_meta
 
     def load(self, volume_id: str) -> VolumeMeta | None:
         """The volume's metadata, or None when it has none or it is unreadable (logged)."""
@@ -244,6 +259,8 @@ class VolumeStore:
             meta.created_at = now
         meta.updated_at = now
         _atomic_write(directory, META_FILE, meta.to_json().encode("utf-8"))
+        with self._with_meta_lock:
+            self._volumes_with_meta().add(meta.volume_id)
 
     def payload_dir(self, volume_id: str) -> Path:
         return self._volume_dir(volume_id) / PAYLOAD_DIR
@@ -258,6 +275,10 @@ class VolumeStore:
             _rmtree(path)
         except OSError as exc:
             raise Internal(f"cannot remove volume directory {path}: {exc.strerror}") from exc
+        finally:
+            with self._with_meta_lock:
+                if self._with_meta is not None and not os.path.lexists(path / META_FILE):
+                    self._with_meta.discard(volume_id)
 
     def save_pending_key(self, volume_id: str, pem: bytes) -> None:
         _atomic_write(self._ensure_volume_dir(volume_id), PENDING_KEY_FILE, pem)
