@@ -8,7 +8,7 @@ RUN_DIR ?= $(CURDIR)/run
 ENDPOINT ?= unix://$(RUN_DIR)/csi.sock
 METRICS_ADDRESS ?= 127.0.0.1:9402
 
-.PHONY: venv run test soak lint proto bench demo image clean dashboard
+.PHONY: venv run test soak lint proto bench bench-quick demo image clean dashboard
 
 venv: $(STAMP)
 
@@ -57,7 +57,11 @@ dashboard: $(STAMP)
 	$(BIN)/python deploy/grafana/dashboard.py > deploy/grafana/cert-agent.json
 
 bench: $(STAMP)
-	$(BIN)/python -m tests.bench_agent --output docs/benchmarks.md
+	$(BIN)/python -m tests.bench_agent --output docs/benchmarks.md --scale-output docs/scale.md
+
+bench-quick: $(STAMP)
+	mkdir -p /tmp/bench
+	$(BIN)/python -m tests.bench_agent --quick --output /tmp/bench/benchmarks.md --scale-output /tmp/bench/scale.md
 
 IMAGE ?= ghcr.io/csi-cert-agent/cert-agent
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)

@@ -638,6 +638,7 @@ def render(
     pod_ips: PodIPResults | None = None,
     pcr: PcrResults | None = None,
     scrapes: ScrapeResults | None = None,
+    scale: object = None,
 ) -> str:
     out: list[str] = []
     add = out.append
@@ -756,6 +757,11 @@ def render(
     if scrapes is not None:
         _render_scrapes(add, scrapes)
 
+    if scale is not None:
+        from tests import bench_scale_report
+
+        bench_scale_report.render(add, scale, latency.publish["ECDSA P-256"])  # type: ignore[arg-type]
+
     add("## Interpretation")
     add("")
     add(_interpretation(latency, fleet))
@@ -763,8 +769,8 @@ def render(
     add("## How to rerun")
     add("")
     add("```")
-    add("make bench        # writes docs/benchmarks.md (about 2-5 minutes on 2 cores)")
-    add(".venv/bin/python -m tests.bench_agent --quick --output /tmp/bench.md   # smaller n")
+    add("make bench        # docs/benchmarks.md, docs/scale.md, docs/img/*.png (under 10 minutes)")
+    add("make bench-quick  # the same with small n, into /tmp/bench (under 2 minutes)")
     add("```")
     add("")
     add("Run it as root to measure the mount mode (real bind mounts); otherwise the agent writes")
@@ -930,6 +936,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small n, for a smoke run")
     parser.add_argument("--volumes", type=int, default=None, help="volumes for idle and restart")
     parser.add_argument("--idle-seconds", type=int, default=10)
+    parser.add_argument(
+        "--scale-output", type=Path, help="write the cluster model (docs/scale.md) here"
+    )
+    parser.add_argument(
+        "--skip-scale", action="store_true", help="leave out issue 12's sections (7-14)"
+    )
     return parser.parse_args(argv)
 
 
@@ -980,10 +992,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("7. PodCertificateRequests: watch event to status written", flush=True)
         (tmp / "pcr").mkdir()
         pcr = bench_pcr(tmp / "pcr", *((20, 10) if args.quick else (200, 50)))
+        scale = None
+        if IS_ROOT and not args.skip_scale:
+            from tests import bench_scale_report
+
+            (tmp / "scale-report").mkdir()
+            scale = bench_scale_report.run(tmp / "scale-report", args.quick)
+            bench_scale_report.save(scale, latency, Path("/tmp/cert-agent-bench-last.pickle"))
     print(f"8. /metrics under 50 concurrent scrapers, {volumes} volumes", flush=True)
     scrapes = bench_scrapes(volumes, clients=50, requests=200 if args.quick else 1000)
     elapsed = time.perf_counter() - started
-    report = render(info, latency, fleet, elapsed, node_ca, pod_ips, pcr, scrapes)
+    report = render(info, latency, fleet, elapsed, node_ca, pod_ips, pcr, scrapes, scale)
+    if scale is not None:
+        from tests import bench_scale_report
+
+        docs = (args.output or Path("docs/benchmarks.md")).parent
+        for path in bench_scale_report.plots(docs, scale, latency.publish["ECDSA P-256"]):
+            print(f"wrote {path}")
+        if args.scale_output:
+            args.scale_output.write_text(bench_scale_report.scale_document(scale, None))
+            print(f"wrote {args.scale_output}")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)

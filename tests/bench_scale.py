@@ -43,6 +43,7 @@ class Checkpoint:
     volumes: int
     publish: list[float]
     unpublish: list[float]
+    publish_cpu: float = 0.0  # agent process on-CPU seconds over the publishes (all threads)
 
 
 @dataclass
@@ -171,19 +172,25 @@ class ScaleFleet:
         self.pods.extend(new)
 
     def measure(self, client: CSIClient, samples: int) -> Checkpoint:
+        from tests.bench_agent import oncpu_seconds
+
+        assert self.agent.process is not None
+        pid = self.agent.process.pid
         count = len(self.pods)
         pods = [self.new_pod(f"sample-{count}-{i}") for i in range(samples)]
+        requests = [pod.request(ATTRIBUTES) for pod in pods]
         publish, unpublish = [], []
-        for pod in pods:
-            request = pod.request(ATTRIBUTES)
+        cpu = oncpu_seconds(pid)
+        for request in requests:
             started = time.perf_counter()
             client.publish(request)
             publish.append(time.perf_counter() - started)
+        cpu = oncpu_seconds(pid) - cpu
         for pod in pods:
             started = time.perf_counter()
             client.unpublish(pod.volume_id, str(pod.target))
             unpublish.append(time.perf_counter() - started)
-        return Checkpoint(count, publish, unpublish)
+        return Checkpoint(count, publish, unpublish, cpu)
 
     def unmount_all_binds(self) -> None:
         for pod in self.pods:
