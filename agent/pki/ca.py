@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import functools
 import logging
 import os
 import threading
@@ -78,7 +79,13 @@ class CertificateAuthority:
     def intermediates(self) -> list[x509.Certificate]:
         """Certificates a leaf's chain must carry: the signing CA and chain, minus a self-signed
         root (relying parties have it in ca.crt; sending it would only cost bytes)."""
-        return [c for c in (self.certificate, *self.chain) if not is_self_signed(c)]
+        return list(self._intermediates)
+
+    @functools.cached_property
+    def _intermediates(self) -> tuple[x509.Certificate, ...]:
+        # Worked out once per CA: each self-signature check is a signature verification, and
+        # every issuance asks (a new CA, after a rotation, is a new object).
+        return tuple(c for c in (self.certificate, *self.chain) if not is_self_signed(c))
 
 
 class CAProvider(Protocol):
