@@ -39,6 +39,7 @@ from agent.pki.policy_reload import PolicySource
 from agent.volumes.manager import VolumeManager
 from agent.volumes.mounter import Mounter, detect_mounter
 from agent.volumes.paths import TargetPolicy
+from agent.volumes.recovery import run_in_background
 from agent.volumes.scheduler import RenewalScheduler
 from agent.volumes.store import VolumeStore
 
@@ -77,6 +78,7 @@ class Agent:
         self.node_ca: Any = None  # agent.issuers.node_ca.NodeCAProvider in node CA mode
         self.metrics = AgentMetrics()
         self._serving = False
+        self.recovery_done = threading.Event()
         self._stopped = threading.Event()
         # Run on every stop, last registered first.
         self._closers: list[Callable[[], None]] = []
@@ -210,17 +212,19 @@ class Agent:
                 self.manager.local_certificate_start_times, self.manager.rewrite_ca_bundles
             )
             self.manager.on_commit = self._rotation.note_issued
-        recovered = self.manager.recover()
+        # Serve first, recover behind: Probe answers at once whatever the number of volumes, and
+        # a call for a volume not recovered yet recovers that one first (volumes/recovery.py).
+        recovering = self.manager.begin_recovery()
         if config.pcr_signers and api is not None:
             self._start_pcr(api)
         self._closers.append(lambda: self.scheduler.stop(STOP_GRACE_SECONDS))
-        # Certificates of an earlier node CA (renewed while the agent was down) move over too.
-        self.move_to_node_ca()
+        self._closers.append(self.manager.recovery.stop)
         self.scheduler.start()
         self._start_status()
         self._start_grpc()
         self.interruptible = False
         self._serving = True
+        self._recovery_thread = run_in_background(self.manager.recovery, self._recovered)
         log.info(
             "agent serving",
             extra={
@@ -230,11 +234,26 @@ class Agent:
                 "driver_name": config.driver_name,
                 "data_root": str(config.data_root),
                 "metrics_port": self.health.port,
-                "volumes_recovered": recovered,
+                "recovering": recovering,
                 "mounts": self.mounter.can_mount,
                 "policy": self.policy.policy.source,
             },
         )
+
+    def _recovered(self, count: int, seconds: float) -> None:
+        """The background recovery is done (its thread calls this)."""
+        self.metrics.set_managed_volumes(self.store.count())
+        # Certificates of an earlier node CA (renewed while the agent was down) move over too.
+        self.move_to_node_ca()
+        log.info(
+            "volumes recovered",
+            extra={"volumes_recovered": count, "seconds": round(seconds, 3)},
+        )
+        self.recovery_done.set()
+
+    def wait_recovered(self, timeout: float | None = None) -> bool:
+        """Block until the start-up recovery is done (tests, and `serve` logs it)."""
+        return self.recovery_done.wait(timeout)
 
     def _attach_pod_and_trust_watches(self, api: Any) -> None:
         """The pod watch (${POD_IP}) and trust-bundle watches; both start on first use."""

@@ -163,6 +163,7 @@ class RunningAgent:
         tmp: Path,
         clock: Callable[[], float] | None = None,
         mounter: object = None,
+        wait_recovered: bool = True,
         **overrides: object,
     ) -> None:
         from agent.server import Agent
@@ -175,6 +176,10 @@ class RunningAgent:
             mounter=mounter,  # type: ignore[arg-type]
         )
         self.agent.start()
+        # The agent serves while it recovers volumes in the background; tests look at the
+        # recovered state right away, so they wait for it (tests of that overlap don't).
+        if wait_recovered:
+            self.agent.wait_recovered(30)
         self.client = CSIClient(self.config.endpoint, timeout=30)
 
     @property
@@ -276,10 +281,19 @@ class AgentProcess:
             try:
                 with CSIClient(self.endpoint, timeout=1) as client:
                     client.plugin_info()
+                self.wait_recovered(max(1.0, deadline - time.monotonic()))
                 return self
             except grpc.RpcError:
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not start: {self.log_path.read_text()}")
+
+    def wait_recovered(self, timeout: float) -> None:
+        """Until the agent logs that its start-up recovery is done (it serves before that)."""
+        deadline = time.monotonic() + timeout
+        while b'"volumes recovered"' not in self.log_path.read_bytes():
+            if time.monotonic() > deadline or (self.process and self.process.poll() is not None):
+                raise RuntimeError(f"agent did not recover: {self.log_path.read_text()}")
+            time.sleep(0.01)
 
     def stop(self) -> str:
         if self.process is not None and self.process.poll() is None:

@@ -59,6 +59,7 @@ from agent.volumes.mounter import Mounter
 from agent.volumes.paths import PathMissing, TargetPolicy, canonical_path
 from agent.volumes.pod_ips import PodIPTracker
 from agent.volumes.policy_gate import apply_policy
+from agent.volumes.recovery import RecoveryQueue
 from agent.volumes.scheduler import plan_renewal
 from agent.volumes.status import snapshot as status_snapshot
 from agent.volumes.store import (
@@ -171,6 +172,8 @@ class VolumeManager:
         # The local CA's trust bundle now (the CA rotation retires CAs from it); see _commit.
         self.local_trust_bundle: Callable[[], bytes] | None = None
         self._locks = KeyedLocks()
+        # Volumes found on start and not recovered yet (see volumes/recovery.py).
+        self.recovery = RecoveryQueue(self._recover_one)
         # Latest service-account token per volume (memory only; see TOKENS_KEY).
         self._tokens: dict[str, str] = {}
         # What the pod's owner hears about (Kubernetes Events in cluster mode).
@@ -251,6 +254,7 @@ class VolumeManager:
     def _publish(self, request: PublishRequest) -> None:
         validate_volume_id(request.volume_id)
         target = self.paths.check(request.target_path)
+        self.recovery.settle(request.volume_id)
         if not request.readonly:
             raise InvalidArgument(
                 "this driver only serves read-only volumes: set readOnly: true on the csi volume"
@@ -414,6 +418,7 @@ class VolumeManager:
         """
         validate_volume_id(volume_id)
         target = self.paths.check(target_path)
+        self.recovery.settle(volume_id)
         with self._locks.hold(volume_id, self.lock_timeout_seconds):
             meta = self.store.load(volume_id)
             if meta is None:
@@ -527,6 +532,7 @@ class VolumeManager:
             log.exception("could not record a renewal recovery", extra={"volume_id": volume_id})
 
     def _renew(self, volume_id: str) -> float | None:
+        self.recovery.settle(volume_id)
         with self._attempt("renew") as attempt:
             with self._locks.hold(volume_id):
                 meta = self.store.load(volume_id)
@@ -580,17 +586,31 @@ class VolumeManager:
     # ---------------------------------------------------------------------------- recovery
 
     def recover(self) -> int:
-        """On start: heal mounts, resume renewals, finish unfinished issues; returns the count."""
-        volume_ids = self.store.volume_ids()
-        for volume_id in volume_ids:
-            try:
-                self._recover_one(volume_id)
-            except Exception:
-                log.exception("could not recover volume", extra={"volume_id": volume_id})
+        """On start: heal mounts, resume renewals, finish unfinished issues; returns the count.
+
+        All at once, in this thread. The server queues them with ``begin_recovery`` instead and
+        serves while a background thread runs ``recovery.run()``."""
+        count = self.begin_recovery()
+        self.recovery.run()
+        self.recovery.wait()
         self.metrics.set_managed_volumes(self.store.count())
-        return len(volume_ids)
+        return count
+
+    def begin_recovery(self) -> int:
+        """Queue every volume found on disk for recovery; publish, unpublish and renew of a
+        queued volume recover it first (``recovery.settle``). Returns how many were queued."""
+        try:
+            names = sorted(os.listdir(self.store.volumes_dir))
+        except FileNotFoundError:
+            names = []
+        return self.recovery.load(names)
 
     def _recover_one(self, volume_id: str) -> None:
+        try:
+            validate_volume_id(volume_id)
+        except InvalidArgument:
+            log.warning("ignoring unexpected entry %r among the volumes", volume_id)
+            return
         with self._locks.hold(volume_id):
             meta = self.store.load(volume_id)
             if meta is None:

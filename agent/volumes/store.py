@@ -173,6 +173,10 @@ class VolumeStore:
         self._with_meta: set[str] | None = None
         self._with_meta_lock = threading.Lock()
 
+    @property
+    def volumes_dir(self) -> Path:
+        return self._volumes
+
     def _volume_dir(self, volume_id: str) -> Path:
         validate_volume_id(volume_id)
         return self._volumes / volume_id

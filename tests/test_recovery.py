@@ -1,0 +1,139 @@
+"""Start-up recovery runs behind a serving socket, and waits only for the volume a call names."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.csi import csi_pb2
+from agent.volumes.manager import VolumeManager
+from agent.volumes.recovery import RecoveryQueue
+from tests.conftest import RunningAgent
+
+ATTRIBUTES = {"csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local"}
+
+
+def is_mountpoint(path: Path) -> bool:
+    return subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
+
+
+def test_serves_while_recovering_and_a_call_recovers_its_own_volume_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = RunningAgent(tmp_path)
+    pods = [first.pod(f"web-{i}") for i in range(3)]
+    requests = [pod.request(ATTRIBUTES) for pod in pods]
+    for request in requests:
+        first.client.publish(request)
+    first.stop()
+    # The background thread takes volumes in id order: hold it on the first one.
+    pods.sort(key=lambda pod: pod.volume_id)
+    held, queued, other = pods
+    requests = [pod.request(ATTRIBUTES) for pod in pods]
+    if first.agent.mounter.can_mount:
+        subprocess.run(["umount", str(queued.target)], check=True)  # lost while the agent was down
+    entered, release = threading.Event(), threading.Event()
+    recover_one = VolumeManager._recover_one
+
+    def slow(self: VolumeManager, volume_id: str) -> None:
+        if volume_id == held.volume_id:
+            entered.set()
+            release.wait(30)
+        recover_one(self, volume_id)
+
+    monkeypatch.setattr(VolumeManager, "_recover_one", slow)
+    second = RunningAgent(tmp_path, wait_recovered=False)
+    try:
+        assert entered.wait(30)
+        # Probe answers while recovery is still under way.
+        response = second.client.identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
+        assert response.ready.value
+        assert second.agent.manager.recovery.pending() == 3
+
+        # kubelet republishes a queued volume: it is recovered first (bind back), at once.
+        second.client.publish(requests[1])
+        if second.agent.mounter.can_mount:
+            assert is_mountpoint(queued.target)
+        assert second.agent.scheduler.due_time(queued.volume_id) is not None
+        assert second.agent.manager.recovery.pending() == 2
+
+        # A call for the volume being recovered right now waits for that one volume.
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def unpublish_held() -> None:
+            try:
+                second.client.unpublish(held.volume_id, str(held.target))
+            except grpc.RpcError as exc:
+                errors.append(exc)
+            done.set()
+
+        caller = threading.Thread(target=unpublish_held)
+        caller.start()
+        assert not done.wait(0.3)
+        release.set()
+        caller.join(30)
+        assert done.is_set() and errors == []
+        assert not held.target.exists()
+        assert second.agent.wait_recovered(30)
+        assert second.agent.manager.recovery.pending() == 0
+        assert second.agent.scheduler.due_time(other.volume_id) is not None
+        assert second.agent.scheduler.due_time(held.volume_id) is None
+    finally:
+        release.set()
+        second.stop()
+
+
+def test_queue_recovers_each_volume_exactly_once() -> None:
+    seen: list[str] = []
+    lock = threading.Lock()
+    gate = threading.Event()
+
+    def recover(volume_id: str) -> None:
+        if volume_id == "a":
+            gate.wait(30)
+        with lock:
+            seen.append(volume_id)
+
+    queue = RecoveryQueue(recover)
+    assert queue.load(["a", "b", "c"]) == 3
+    background = threading.Thread(target=queue.run)
+    background.start()
+    queue.settle("c")  # taken over by the caller while the background is held on "a"
+    assert seen == ["c"]
+    waiter = threading.Thread(target=queue.settle, args=("a",))
+    waiter.start()
+    gate.set()
+    waiter.join(30)
+    background.join(30)
+    assert sorted(seen) == ["a", "b", "c"]
+    assert queue.wait(0) and queue.pending() == 0 and queue.recovered == 3
+    queue.settle("a")  # already recovered: nothing runs again
+    queue.settle("unknown")
+    assert len(seen) == 3
+
+
+def test_a_failing_volume_is_logged_and_the_rest_recover(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[str] = []
+
+    def recover(volume_id: str) -> None:
+        if volume_id == "bad":
+            raise RuntimeError("broken metadata")
+        seen.append(volume_id)
+
+    queue = RecoveryQueue(recover)
+    queue.load(["bad", "good"])
+    queue.run()
+    assert seen == ["good"] and queue.pending() == 0
+    assert "could not recover volume" in caplog.text
+
+
+def test_stop_leaves_the_rest_queued() -> None:
+    queue = RecoveryQueue(lambda volume_id: queue.stop())
+    queue.load(["a", "b"])
+    assert queue.run() == 1
+    assert queue.pending() == 1
