@@ -18,6 +18,7 @@ from agent.volumes.store import (
     VolumeMeta,
     VolumeState,
     VolumeStore,
+    payload_files_present,
     read_payload_file,
     validate_volume_id,
     write_payload,
@@ -569,3 +570,23 @@ def test_count_lists_the_volumes_once_then_follows_saves_and_removes(
     assert store.count() == 3
     monkeypatch.undo()
     assert store.count() == VolumeStore(tmp_path).count() == 3
+
+
+def test_payload_files_present_checks_the_current_generation_without_reading(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "data"
+    names = ["tls.crt", "tls.key", "ca.crt"]
+    assert not payload_files_present(directory, names)  # no payload at all
+    write_payload(directory, {"tls.crt": b"c", "tls.key": b"k"}, None)
+    assert payload_files_present(directory, ["tls.crt", "tls.key"])
+    assert not payload_files_present(directory, names)  # ca.crt missing
+    write_payload(directory, {"tls.crt": b"c", "tls.key": b"k", "ca.crt": b"a"}, None)
+    assert payload_files_present(directory, names)
+    hidden = directory / os.readlink(directory / "..data")
+    os.chmod(hidden, 0o700)
+    (hidden / "ca.crt").unlink()
+    (hidden / "ca.crt").symlink_to("/etc/hostname")  # never followed out of the payload
+    assert not payload_files_present(directory, names)
+    with pytest.raises(InvalidArgument):
+        payload_files_present(directory, ["../escape"])

@@ -66,6 +66,7 @@ from agent.volumes.store import (
     VolumeMeta,
     VolumeState,
     VolumeStore,
+    payload_files_present,
     read_payload_file,
     validate_volume_id,
     write_payload,
@@ -876,7 +877,7 @@ class VolumeManager:
         names = [spec.files.certificate, spec.files.ca, spec.files.private_key]
         if spec.files.credential_bundle:
             names.append(spec.files.credential_bundle)
-        return all(read_payload_file(directory, name) is not None for name in names)
+        return payload_files_present(directory, names)
 
     def _ensure_mounted(self, meta: VolumeMeta) -> None:
         payload = self.store.payload_dir(meta.volume_id)

@@ -571,3 +571,29 @@ def read_payload_file(directory: Path, name: str) -> bytes | None:
         return None
     except OSError as exc:
         raise Internal(f"cannot read {name} from payload {directory}: {exc.strerror}") from exc
+
+
+def payload_files_present(directory: Path, names: list[str]) -> bool:
+    """Whether every one of ``names`` is a regular file in the payload's current generation.
+
+    What recovery asks of each volume on start: one stat per file instead of reading them
+    (``read_payload_file``), through ``..data`` without following anything out of ``directory``.
+    """
+    for name in names:
+        _validate_file_name(name)
+    try:
+        with _fd(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW) as dfd:
+            hidden = _readlink_at(dfd, DATA_LINK)
+            if hidden is None or not _HIDDEN_DIR_RE.fullmatch(hidden):
+                return False
+            with _fd(hidden, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd) as hfd:
+                for name in names:
+                    st = _lstat_at(hfd, name)
+                    if st is None or not stat.S_ISREG(st.st_mode):
+                        return False
+                return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise Internal(f"cannot look into payload {directory}: {exc.strerror}") from exc
+
