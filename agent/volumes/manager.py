@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -59,6 +60,7 @@ from agent.volumes.mounter import Mounter
 from agent.volumes.paths import PathMissing, TargetPolicy, canonical_path
 from agent.volumes.pod_ips import PodIPTracker
 from agent.volumes.policy_gate import apply_policy
+from agent.volumes.priority import KubeletFirst
 from agent.volumes.recovery import RecoveryQueue
 from agent.volumes.scheduler import plan_renewal
 from agent.volumes.status import snapshot as status_snapshot
@@ -74,6 +76,9 @@ from agent.volumes.store import (
 from agent.volumes.trust import TrustBundles, compose_ca
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # kubelet passes service-account tokens here when the CSIDriver asks for tokenRequests. They are
 # credentials: kept in memory for the issuer, never written to the metadata.
@@ -135,6 +140,19 @@ class _Attempt:
         return self.step or error_reason
 
 
+def _kubelet_call(method: Callable[P, R]) -> Callable[P, R]:
+    """Mark a kubelet call in flight for its duration (renewals give way: volumes/priority.py)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        manager = args[0]
+        assert isinstance(manager, VolumeManager)
+        with manager.priority.kubelet_call():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class VolumeManager:
     def __init__(
         self,
@@ -175,6 +193,7 @@ class VolumeManager:
         self._locks = KeyedLocks()
         # Volumes found on start and not recovered yet (see volumes/recovery.py).
         self.recovery = RecoveryQueue(self._recover_one)
+        self.priority = KubeletFirst()
         # Latest service-account token per volume (memory only; see TOKENS_KEY).
         self._tokens: dict[str, str] = {}
         # What the pod's owner hears about (Kubernetes Events in cluster mode).
@@ -225,6 +244,7 @@ class VolumeManager:
 
     # ----------------------------------------------------------------------------- publish
 
+    @_kubelet_call
     def publish(self, request: PublishRequest) -> None:
         """Issue (or find) the volume's certificate and make it visible at target_path."""
         try:
@@ -410,6 +430,7 @@ class VolumeManager:
 
     # --------------------------------------------------------------------------- unpublish
 
+    @_kubelet_call
     def unpublish(self, volume_id: str, target_path: str) -> None:
         """Unmount this volume's bind, remove its target directory and forget it. Idempotent.
 
@@ -533,6 +554,7 @@ class VolumeManager:
             log.exception("could not record a renewal recovery", extra={"volume_id": volume_id})
 
     def _renew(self, volume_id: str) -> float | None:
+        self.priority.before_renewal()
         self.recovery.settle(volume_id)
         with self._attempt("renew") as attempt:
             with self._locks.hold(volume_id):
