@@ -12,7 +12,7 @@ ATTRIBUTES = {"csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.c
 
 
 def test_a_renewal_waits_while_a_kubelet_call_is_in_flight() -> None:
-    gate = KubeletFirst(max_wait_seconds=60)
+    gate = KubeletFirst(max_wait_seconds=60, quiet_seconds=0)
     gate.before_renewal()  # nothing in flight: no wait
     assert gate.waited == 0
     inside, leave = threading.Event(), threading.Event()
@@ -34,6 +34,30 @@ def test_a_renewal_waits_while_a_kubelet_call_is_in_flight() -> None:
     call.join(30)
     renewal.join(30)
     assert gate.waited == 1 and gate.in_flight == 0
+
+
+def test_a_renewal_waits_for_a_quiet_moment_after_the_last_call() -> None:
+    now = [100.0]
+    gate = KubeletFirst(max_wait_seconds=60, quiet_seconds=0.01, clock=lambda: now[0])
+    with gate.kubelet_call():
+        pass  # ended at 100.0
+    now[0] = 100.02  # quiet long enough
+    gate.before_renewal()
+    assert gate.waited == 0
+    with gate.kubelet_call():
+        pass  # ended at 100.02
+    now[0] = 100.025  # 5 ms after: the renewal waits the other 5 ms
+    waiting = threading.Thread(target=gate.before_renewal)
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()
+    with gate.kubelet_call():  # another call: the quiet period starts over when it ends
+        now[0] = 100.05
+    waiting.join(0.2)
+    assert waiting.is_alive()
+    now[0] = 100.06  # 10 ms after the last call ended
+    waiting.join(30)
+    assert not waiting.is_alive() and gate.waited == 1
 
 
 def test_the_wait_is_bounded_so_a_busy_node_still_renews() -> None:
