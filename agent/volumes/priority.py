@@ -47,7 +47,7 @@ class KubeletFirst:
                     self._cond.notify_all()
 
     def before_renewal(self) -> None:
-        """Wait until kubelet has been quiet for ``quiet_seconds`` (at most ``max_wait_seconds``)."""
+        """Wait for ``quiet_seconds`` without kubelet calls (``max_wait_seconds`` at most)."""
         with self._cond:
             now = self._clock()
             deadline = now + self.max_wait_seconds

@@ -596,4 +596,3 @@ def payload_files_present(directory: Path, names: list[str]) -> bool:
         return False
     except OSError as exc:
         raise Internal(f"cannot look into payload {directory}: {exc.strerror}") from exc
-
