@@ -175,7 +175,7 @@ def _cells(counts: dict[str, int], pods: int) -> str:
 
 
 def render_api_cost(add: Callable[[str], None], costs: list[ModeCost]) -> None:
-    add("## API cost per certificate (cert-manager and Secret CA modes)")
+    add("## 15. API cost per certificate (cert-manager and Secret CA modes)")
     add("")
     add("The real agent against the in-process fake API server (real REST protocol, every request")
     add("recorded) and the fake cert-manager signer; an injected clock moves past every renewal")

@@ -123,8 +123,6 @@ def bench_profile(tmp: Path, publishes: int, warmup: int = 20, top: int = 25) ->
 
 
 def render_profile(add: Callable[[str], None], results: ProfileResults) -> None:
-    add("## Where a publish spends its time (cProfile)")
-    add("")
     add(
         f"{results.publishes} ECDSA P-256 publishes of new pods over the UNIX socket into an "
         "in-process agent"

@@ -118,35 +118,35 @@ def run(tmp: Path, quick: bool) -> ScaleReport:
     for name in ("profile", "scale", "api-cm", "api-secret", "burst", "storm"):
         (tmp / name).mkdir()
     profile = _stage(
-        "7. profile of an ECDSA publish",
+        "9. profile of an ECDSA publish",
         seconds,
         lambda: bench_profile(tmp / "profile", s.profile_publishes),
     )
     scale = _stage(
-        f"8-10. scale to {s.checkpoints[-1]} volumes, restart, idle",
+        f"10-12. scale to {s.checkpoints[-1]} volumes, restart, idle",
         seconds,
         lambda: bench_scale(
             tmp / "scale", s.checkpoints, s.samples, s.restarts, s.idle_seconds, measure_idle
         ),
     )
     burst = _stage(
-        "11. bursts of 110 publishes",
+        "13. bursts of 110 publishes",
         seconds,
         lambda: bench_burst(tmp / "burst", 110, s.burst_rounds),
     )
     storm = _stage(
-        f"12. renewal storm of {s.storm_volumes} volumes",
+        f"14. renewal storm of {s.storm_volumes} volumes",
         seconds,
         lambda: bench_storm(tmp / "storm", s.storm_volumes, s.storm_publishes, print),
     )
     api = [
         _stage(
-            "13. API cost: cert-manager mode",
+            "15. API cost: cert-manager mode",
             seconds,
             lambda: bench_cert_manager_mode(tmp / "api-cm", s.api_pods),
         ),
         _stage(
-            "13. API cost: Secret CA mode",
+            "15. API cost: Secret CA mode",
             seconds,
             lambda: bench_secret_ca_mode(tmp / "api-secret", s.api_pods),
         ),
@@ -166,7 +166,7 @@ def run(tmp: Path, quick: bool) -> ScaleReport:
             return Simulation(mode, single, many, expected, check_within(expected, many.counted))
 
         simulations.append(
-            _stage(f"14. simulation: {s.sim_agents} agents, {mode}", seconds, one_mode)
+            _stage(f"16. simulation: {s.sim_agents} agents, {mode}", seconds, one_mode)
         )
     return ScaleReport(
         s,
@@ -304,9 +304,8 @@ def render(add: Callable[[str], None], report: ScaleReport, publish_paired: obje
         met = "yes" if t.met else ("no" if t.met is not None else "-")
         add(f"| {t.name} | {t.goal} | {t.measured} | {met} |")
     add("")
-    add("Where a target is not met, the section below says what bounds it.")
-    add("")
-    add("## 7. Where a publish spends its time")
+    _render_bounds(add, report, publish_paired)
+    add("## 9. Where a publish spends its time")
     add("")
     render_profile(add, report.profile)
     _render_scale(add, report)
@@ -325,9 +324,52 @@ def render(add: Callable[[str], None], report: ScaleReport, publish_paired: obje
     add("")
 
 
+def _render_bounds(add: Callable[[str], None], report: ScaleReport, publish_paired: object) -> None:
+    """What bounds each target, from this run's measurements."""
+    prof = report.profile
+    raw = _pct(publish_paired.raw, 50) * 1000  # type: ignore[attr-defined]
+    agent = _pct(publish_paired.agent, 50) * 1000  # type: ignore[attr-defined]
+    n = report.scale.checkpoints[-1].volumes
+    restarts = report.scale.restarts
+    worst = max(r.recovered for r in restarts) if restarts else 0.0
+    probe = max(r.probe for r in restarts) if restarts else 0.0
+    add("What bounds them, from this run:")
+    add("")
+    add(
+        f"- Publish: an empty RPC over the socket costs {prof.empty_rpc_ms:.2f} ms and the raw "
+        f"cryptography {raw:.2f} ms, so {prof.empty_rpc_ms + raw:.2f} ms is spent before the "
+        f"agent does anything of its own; the agent's own work inside the handler is "
+        f"{prof.handler_ms:.2f} ms (median, section 9: files and their renames, the bind "
+        f"mount, metadata, attribute parsing, the log line, the metrics). A publish of "
+        f"{agent:.2f} ms against the 1.2 ms target is bounded by Python: the gRPC floor alone "
+        "is a large share of the target, and each of the remaining steps costs tens of "
+        "microseconds of interpreter time (the profile lists them)."
+    )
+    add(
+        f"- Restart: `Probe` answered within {probe * 1000:.0f} ms (interpreter start, imports, "
+        f"CA load; the volumes no longer count), and all {n} volumes were recovered within "
+        f"{worst:.2f} s, {worst / max(n, 1) * 1e6:.0f} µs per volume: reading and checking "
+        "its metadata, parsing its attributes again, one stat per payload file, the bind check "
+        "through the mount ids of two descriptors, the metrics series and the schedule, all in "
+        "one interpreter thread (a second thread would only share the same interpreter lock)."
+    )
+    add(
+        "- Kept on purpose: the `issuing` record saved before a first issue (a kill between "
+        "the bind and the final metadata would otherwise leave a bind and a payload with a "
+        "private key that no record names, cleaned only if kubelet retries the publish; with "
+        "the record the next start finishes or forgets the volume), the fsync of each payload "
+        "file and directory (no-ops on the tmpfs that holds them, a few microseconds of "
+        "syscall each, and what makes the same code safe on a disk-backed data root), the "
+        "atomic `..data` swap (tests/test_store.py, the crash trials), and the CSR built and "
+        "verified for the local CA (the issuer "
+        "interface is the same for every issuer; 0.1-0.2 ms)."
+    )
+    add("")
+
+
 def _render_scale(add: Callable[[str], None], report: ScaleReport) -> None:
     scale = report.scale
-    add("## 8. Publish and unpublish as volumes pile up")
+    add("## 10. Publish and unpublish as volumes pile up")
     add("")
     add("`cert-agent serve` as its own process; this bench is the kubelet-like client (real gRPC")
     add("over the UNIX socket). The agent is filled to each checkpoint by 4 client threads, then")
@@ -371,7 +413,7 @@ def _render_scale(add: Callable[[str], None], report: ScaleReport) -> None:
 def _render_restart(add: Callable[[str], None], report: ScaleReport) -> None:
     scale = report.scale
     n = scale.checkpoints[-1].volumes
-    add(f"## 9. Restart with {n} volumes")
+    add(f"## 11. Restart with {n} volumes")
     add("")
     add("Times from exec of `cert-agent serve` (SIGTERM to the previous one first): until `Probe`")
     add("answers ready over the socket (polled every 2 ms), and until the agent logs that every")
@@ -394,7 +436,7 @@ def _render_idle(add: Callable[[str], None], report: ScaleReport) -> None:
     scale = report.scale
     if len(scale.idle) != 2:
         return
-    add(f"## 10. Idle and memory with {scale.checkpoints[-1].volumes} volumes")
+    add(f"## 12. Idle and memory with {scale.checkpoints[-1].volumes} volumes")
     add("")
     add(
         f"The agent above (holding its volumes) and an agent holding none, over the same "
@@ -414,7 +456,7 @@ def _render_idle(add: Callable[[str], None], report: ScaleReport) -> None:
 
 def _render_burst(add: Callable[[str], None], report: ScaleReport) -> None:
     b = report.burst
-    add(f"## 11. Bursts of {b.pods} publishes")
+    add(f"## 13. Bursts of {b.pods} publishes")
     add("")
     add(
         f"{b.pods} RSA-2048 publishes released together (one client thread each, a barrier) "
@@ -442,7 +484,7 @@ def _render_burst(add: Callable[[str], None], report: ScaleReport) -> None:
 
 def _render_storm(add: Callable[[str], None], report: ScaleReport) -> None:
     st = report.storm
-    add(f"## 12. Renewal storm: {st.volumes} volumes due at once")
+    add(f"## 14. Renewal storm: {st.volumes} volumes due at once")
     add("")
     add("An agent in this process with an injected clock holds the volumes; the clock jumps past")
     add("every renewal point. A kubelet-like client in a separate process publishes new pods one")
@@ -682,7 +724,7 @@ def _reading(loads: list[DesignLoad], cluster: Cluster, cpu: float) -> str:
             f"this agent opens one per request in flight ({b.short_watches:.1f} at a time with a "
             "1 s issuance) and none in node CA mode between node CA renewals.",
             f"- Node CPU: {cpu * 1000:.2f} ms of agent CPU per ECDSA issuance (measured at the "
-            f"first checkpoint of section 8) is {c.node_cpu_cores:.3f} cores for the whole "
+            f"first checkpoint of section 10) is {c.node_cpu_cores:.3f} cores for the whole "
             "cluster, "
             f"{c.node_cpu_cores / cluster.nodes * 1e6:.1f} µcores per node.",
         ]
