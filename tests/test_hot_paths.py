@@ -36,3 +36,21 @@ def test_the_ca_works_out_its_intermediates_once(
         chain.append(ca.certificate)  # a caller changing its copy changes nothing here
     assert ca.intermediates() == []
     assert len(calls) == first == 1
+
+
+def test_the_agent_starts_without_importing_the_kubernetes_client() -> None:
+    """`kubernetes` takes about 0.3 s to import, a share of the time until `Probe` answers; a
+    standalone or Secret-less agent does not need it, and a cluster agent imports it on use."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "import sys, agent.cli, agent.server; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert result.stdout.strip() == "[]"

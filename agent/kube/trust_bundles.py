@@ -15,7 +15,6 @@ import logging
 import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from kubernetes import client as k8s
 
 from agent.errors import FailedPrecondition, PermissionDenied, Unavailable
+from agent.kube.bundle_source import BundleSource
 from agent.kube.informer import Informer, Snapshot
 
 log = logging.getLogger(__name__)
@@ -32,26 +32,6 @@ RBAC_HINT = (
     "agent (the deploy/components/pod-info component)"
 )
 _PEM_BLOCK = re.compile(r"-----BEGIN ([^-]+)-----(.*?)-----END ([^-]+)-----", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class BundleSource:
-    """Where a bundle comes from; equal sources share one watch."""
-
-    kind: str  # "configmap", "cluster" or "signer" (agent.spec.model.TrustBundleKind values)
-    namespace: str = ""
-    name: str = ""
-    key: str = ""
-    signer_name: str = ""
-    label_selector: str = ""
-
-    def describe(self) -> str:
-        if self.kind == "configmap":
-            return f"ConfigMap {self.namespace}/{self.name} key {self.key}"
-        if self.kind == "cluster":
-            return f"ClusterTrustBundle {self.name}"
-        labels = f" with labels {self.label_selector}" if self.label_selector else ""
-        return f"ClusterTrustBundles of signer {self.signer_name}{labels}"
 
 
 class BundleError(ValueError):

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.errors import FailedPrecondition
-from agent.kube.trust_bundles import BundleSource
+from agent.kube.bundle_source import BundleSource
 from agent.observe.metrics import AgentMetrics
 from agent.spec.model import CertificateSpec, PodInfo, TrustBundleRef
 
