@@ -462,7 +462,11 @@ def _render_burst(add: Callable[[str], None], report: ScaleReport) -> None:
         f"{b.pods} RSA-2048 publishes released together (one client thread each, a barrier) "
         f"against the same {b.pods} one after another, {b.rounds} rounds alternating, into one"
     )
-    add("`cert-agent serve` process; wall time for all of them. *Agent CPU* is the process's")
+    add(
+        "`cert-agent serve` process started with `--grpc-workers` "
+        f"{b.pods} (so every call of the burst is admitted; key generation stays bounded by "
+        "`--keygen-workers`, 2); wall time for all of them. *Agent CPU* is the process's"
+    )
     add("utime + stime during the burst: above the wall time means more than one core worked.")
     add(f"Calls the agent shed and the client retried: {b.retries}.")
     add("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_restart_keeps_volumes_and_certificates(agent_process: object, tmp_path:
         for target in targets:
             assert f" {target} " in mountinfo
     log = second.stop()
-    assert log.count('"resumed volume"') == 3, log
+    recovered = [json.loads(line) for line in log.splitlines() if '"volumes recovered"' in line]
+    assert [entry["volumes_recovered"] for entry in recovered] == [3], log
     assert "published volume" not in log  # nothing was reissued
 
 

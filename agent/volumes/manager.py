@@ -674,7 +674,9 @@ class VolumeManager:
                 self.pod_ips.recovered(volume_id, spec, pod, tuple(meta.pod_ips))
                 due = meta.next_renewal if meta.next_renewal is not None else self.clock()
                 self.scheduler.schedule(volume_id, due)
-                log.info(
+                # Debug: a node with thousands of volumes would log thousands of lines at each
+                # start; "volumes recovered" gives the count.
+                log.debug(
                     "resumed volume",
                     extra={**_log_fields(meta, pod), "next_renewal": meta.next_renewal},
                 )
