@@ -45,7 +45,7 @@ class Settings:
     def for_run(cls, quick: bool) -> Settings:
         if quick:
             return cls([0, 200, 500], 30, 2, 3, 50, 5, 1, 300, 50, 20, 1)
-        return cls([0, 500, 2000, 5000], 100, 4, 10, 300, 20, 2, 5000, 200, 50, 2)
+        return cls([0, 500, 2000, 5000], 100, 4, 10, 300, 20, 2, 5000, 200, 40, 2)
 
 
 @dataclass
