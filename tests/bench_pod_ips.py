@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import RunningAgent
+from tests.conftest import NODE_AGENT_POLICY, RunningAgent
 from tests.fakekube import FakeKube, make_test_ca, pem
 
 ATTRIBUTES = {
@@ -55,12 +55,16 @@ def bench_pod_ips(tmp: Path, sequential: int, burst: int) -> PodIPResults:
             serialization.NoEncryption(),
         )
         fake.put_secret("cert-agent", "ca", {"ca.crt": pem(cert), "ca.key": key_pem})
+        # ${POD_IPS} needs a policy that allows the pod's own addresses (the default allows none).
+        policy = tmp / "policy.yaml"
+        policy.write_text(NODE_AGENT_POLICY)
         running = RunningAgent(
             tmp,
             standalone=False,
             kubeconfig=str(fake.write_kubeconfig(tmp / "kubeconfig")),
             ca_secret=("cert-agent", "ca"),
             pod_watch="on",
+            policy_file=policy,
         )
         results.renewal_workers = running.config.renewal_workers
         observed: list[float] = []
