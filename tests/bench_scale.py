@@ -238,7 +238,7 @@ def bench_scale(
     measure_idle: Callable[[list[tuple[str, int, int]], int], list[object]] | None = None,
     log: Callable[[str], None] = print,
 ) -> ScaleResults:
-    root = tmp / "shared"
+    root = tmp / "propagated"
     root.mkdir()
     with shared_with_peer(root) as shared:
         fleet = ScaleFleet(root)

@@ -25,6 +25,7 @@ from tests.cluster_model import (
 )
 
 IMG = "img"  # docs/img/, linked from docs/benchmarks.md
+SCALE_DOC = Path("docs/scale.md")
 
 
 @dataclass
@@ -314,7 +315,8 @@ def render(add: Callable[[str], None], report: ScaleReport, publish_paired: obje
     _render_burst(add, report)
     _render_storm(add, report)
     render_api_cost(add, report.api)
-    add("The cluster-wide consequences of these counts are in [scale.md](scale.md).")
+    # The link is relative to docs/, where both documents are written.
+    add(f"The cluster-wide consequences of these counts are in [{SCALE_DOC}]({SCALE_DOC.name}).")
     add("")
     add(
         "Stage times of these sections (s): "
@@ -352,6 +354,22 @@ def _render_bounds(add: Callable[[str], None], report: ScaleReport, publish_pair
         "its metadata, parsing its attributes again, one stat per payload file, the bind check "
         "through the mount ids of two descriptors, the metrics series and the schedule, all in "
         "one interpreter thread (a second thread would only share the same interpreter lock)."
+    )
+    b = report.burst
+    cores = _pct(b.parallel_cpu, 50) / _pct(b.parallel, 50)
+    add(
+        f"- Burst: during the {b.pods} RSA-2048 publishes at once the agent used "
+        f"{cores:.2f} cores (CPU time over wall time). Key generation runs in the gRPC "
+        "threads, at most `--keygen-workers` (2) at a time; with "
+        f"{cores:.2f} cores the two generations do not run side by side, so the interpreter "
+        "lock is held through most of each: what it would take is a process pool for RSA "
+        "key generation (the key coming back over a pipe to the agent itself), not more "
+        "threads."
+    )
+    add(
+        "- Restart, Probe: the start-up cost of an agent with no volumes (section 4), "
+        "interpreter start, imports (grpc, cryptography) and the CA; recovery no longer adds "
+        "to it."
     )
     add(
         "- Kept on purpose: the `issuing` record saved before a first issue (a kill between "

@@ -590,3 +590,16 @@ def test_payload_files_present_checks_the_current_generation_without_reading(
     assert not payload_files_present(directory, names)
     with pytest.raises(InvalidArgument):
         payload_files_present(directory, ["../escape"])
+
+
+def test_volume_directories_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The umask is process-wide, and another thread may narrow or widen it for a moment (the
+    status socket binds under 0177): the directories the store makes end up 0700 regardless."""
+    old = os.umask(0o177)
+    try:
+        store = VolumeStore(tmp_path)
+        store.save(make_meta())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "volumes").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "volumes" / VOLUME_ID).stat().st_mode) == 0o700

@@ -187,11 +187,14 @@ class VolumeStore:
             try:
                 os.mkdir(path, PRIVATE_DIR_MODE)
             except FileExistsError:
-                pass
+                return path
             except FileNotFoundError:  # the volumes directory itself is missing: once
                 os.makedirs(self._volumes, mode=PRIVATE_DIR_MODE, exist_ok=True)
+                os.chmod(self._volumes, PRIVATE_DIR_MODE)
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(path, PRIVATE_DIR_MODE)
+            # The umask is process-wide: another thread may have narrowed it for a moment.
+            os.chmod(path, PRIVATE_DIR_MODE)
         except OSError as exc:
             raise Internal(f"cannot create volume directory {path}: {exc.strerror}") from exc
         return path
