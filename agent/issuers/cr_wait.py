@@ -23,7 +23,8 @@ from agent.issuers.cr_request import GROUP, PLURAL, VERSION, Obj
 from agent.issuers.cr_status import not_ready_error, outcome
 from agent.kube.client import backoff_delay, is_retryable, map_api_error, with_retries
 
-log = logging.getLogger(__name__)
+# The cert-manager issuer's logger: waiting logs as part of it, as before the split.
+log = logging.getLogger("agent.issuers.certmanager")
 
 WATCH_CONNECT_TIMEOUT = 10.0
 
