@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from agent.pki.policy import PolicyRequest, PolicyViolation
 from agent.pki.policy_loader import default_policy
 from agent.spec.attributes import parse_volume_context
-from agent.volumes import manager as manager_module
+from agent.volumes import issue as issue_module
 from agent.volumes.mounter import mount_points_below
 from tests.conftest import Pod, RunningAgent
 from tests.fakekube import FakeKube, FakeSigner
@@ -131,13 +131,13 @@ def test_a_denied_request_never_produces_a_key_file_or_mount(
     seen = {"allowed": 0, "denied": 0}
     # Count calls into the real key generator: a denial must come before any key exists.
     keys_made: list[object] = []
-    real_generate = manager_module.generate_private_key
+    real_generate = issue_module.generate_private_key
 
     def counting_generate(spec: Any) -> Any:
         keys_made.append(spec)
         return real_generate(spec)
 
-    monkeypatch.setattr(manager_module, "generate_private_key", counting_generate)
+    monkeypatch.setattr(issue_module, "generate_private_key", counting_generate)
 
     @settings(
         max_examples=80,

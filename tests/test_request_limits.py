@@ -12,7 +12,7 @@ from agent.csi import csi_pb2, csi_pb2_grpc
 from agent.csi.service import MAX_MESSAGE_CHARS
 from agent.errors import MAX_QUOTED_CHARS
 from agent.issuers.base import IssuedCertificate, IssueRequest
-from agent.volumes import manager as manager_module
+from agent.volumes import issue as issue_module
 from tests.conftest import RunningAgent
 from tests.test_renewal_limits import sample
 
@@ -194,14 +194,14 @@ def test_key_generation_runs_at_most_keygen_workers_at_once(
     limit = agent.agent.manager.keygen
     gate = threading.Event()
     inside: list[int] = []
-    real_generate = manager_module.generate_private_key
+    real_generate = issue_module.generate_private_key
 
     def slow_generate(spec: object) -> object:
         inside.append(limit.running)
         gate.wait(WAIT)
         return real_generate(spec)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(manager_module, "generate_private_key", slow_generate)
+    monkeypatch.setattr(issue_module, "generate_private_key", slow_generate)
     attrs = {"csi.cert-agent.io/dns-names": "app.default.svc"}
     with ThreadPoolExecutor(5) as pool:
         try:
