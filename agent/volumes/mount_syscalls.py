@@ -1,0 +1,177 @@
+"""The mount system calls through ctypes: mount(2), umount2(2) and the new mount API.
+
+``open_tree``/``mount_setattr``/``move_mount`` (Linux 5.12+) make a bind read-only before it is
+attached; ``_Libc`` says whether the kernel has them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from typing import ClassVar
+
+# <sys/mount.h>
+MS_RDONLY = 1
+
+
+MS_NOSUID = 2
+
+
+MS_NODEV = 4
+
+
+MS_NOEXEC = 8
+
+
+MS_REMOUNT = 32
+
+
+MS_BIND = 4096
+
+
+MNT_DETACH = 2
+
+
+UMOUNT_NOFOLLOW = 8
+
+
+SAFE_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
+
+
+# The new mount API (Linux 5.2+; mount_setattr 5.12+). The numbers are the same on every
+# architecture (they come after the 424 unification of the syscall tables).
+SYS_OPEN_TREE = 428
+
+
+SYS_MOVE_MOUNT = 429
+
+
+SYS_MOUNT_SETATTR = 442
+
+
+AT_FDCWD = -100
+
+
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+AT_EMPTY_PATH = 0x1000
+
+
+OPEN_TREE_CLONE = 1
+
+
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+
+
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+
+
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+
+
+MOUNT_ATTR_RDONLY = 0x1
+
+
+MOUNT_ATTR_NOSUID = 0x2
+
+
+MOUNT_ATTR_NODEV = 0x4
+
+
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+class Libc:
+    """mount(2), umount2(2) and the new mount API via ctypes; errors are OSError with errno."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._mount = lib.mount
+        self._mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
+        self._mount.restype = ctypes.c_int
+        self._umount2 = lib.umount2
+        self._umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        self._umount2.restype = ctypes.c_int
+        self._syscall = lib.syscall
+        self._syscall.restype = ctypes.c_long
+
+    @staticmethod
+    def _check(rc: int) -> int:
+        if rc < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return rc
+
+    def mount(
+        self, source: str, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None:
+        self._check(
+            self._mount(
+                os.fsencode(source),
+                os.fsencode(target),
+                fstype.encode() if fstype else None,
+                flags,
+                data.encode() if data else None,
+            )
+        )
+
+    def umount2(self, target: str, flags: int) -> None:
+        self._check(self._umount2(os.fsencode(target), flags))
+
+    def open_tree(self, path: str, flags: int) -> int:
+        return self._check(
+            self._syscall(
+                ctypes.c_long(SYS_OPEN_TREE),
+                ctypes.c_int(AT_FDCWD),
+                ctypes.c_char_p(os.fsencode(path)),
+                ctypes.c_uint(flags),
+            )
+        )
+
+    def mount_setattr(self, fd: int, attr_set: int) -> None:
+        attr = _MountAttr(attr_set, 0, 0, 0)
+        self._check(
+            self._syscall(
+                ctypes.c_long(SYS_MOUNT_SETATTR),
+                ctypes.c_int(fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_uint(AT_EMPTY_PATH),
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
+            )
+        )
+
+    def move_mount(self, from_fd: int, to_fd: int) -> None:
+        self._check(
+            self._syscall(
+                ctypes.c_long(SYS_MOVE_MOUNT),
+                ctypes.c_int(from_fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_int(to_fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
+            )
+        )
+
+
+def describe_os_error(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return f"{exc.strerror} ({name})"
