@@ -215,6 +215,12 @@ def write_payload(directory: Path, files: Mapping[str, bytes], gid: int | None) 
         os.close(dfd)
 
 
+def _current_generation(dfd: int) -> str | None:
+    """The hidden generation ``..data`` names, or None when there is none of ours."""
+    hidden = _readlink_at(dfd, DATA_LINK)
+    return hidden if hidden is not None and _HIDDEN_DIR_RE.fullmatch(hidden) else None
+
+
 def read_payload_file(directory: Path, name: str) -> bytes | None:
     """Read one payload file through ``..data`` without following anything out of ``directory``.
 
@@ -223,8 +229,8 @@ def read_payload_file(directory: Path, name: str) -> bytes | None:
     _validate_file_name(name)
     try:
         with open_nofollow(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW) as dfd:
-            hidden = _readlink_at(dfd, DATA_LINK)
-            if hidden is None or not _HIDDEN_DIR_RE.fullmatch(hidden):
+            hidden = _current_generation(dfd)
+            if hidden is None:
                 return None
             with (
                 open_nofollow(
@@ -249,8 +255,8 @@ def payload_files_present(directory: Path, names: list[str]) -> bool:
         _validate_file_name(name)
     try:
         with open_nofollow(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW) as dfd:
-            hidden = _readlink_at(dfd, DATA_LINK)
-            if hidden is None or not _HIDDEN_DIR_RE.fullmatch(hidden):
+            hidden = _current_generation(dfd)
+            if hidden is None:
                 return False
             with open_nofollow(
                 hidden, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd
