@@ -360,10 +360,13 @@ def test_pod_info_never_reaches_a_certificate_unchecked(
     @given(st.lists(one, min_size=1, max_size=4))
     def run(sequence: list[tuple[int, PodInfoValues, dict[str, str]]]) -> None:
         tally.examples += 1
-        for pod_index, values, template in sequence:
-            box.pods[pod_index].target.parent.mkdir(parents=True, exist_ok=True)
-            publish(box, tally, pod_index, values, template)
-        unpublish_all(box, tally)
+        try:
+            for pod_index, values, template in sequence:
+                box.pods[pod_index].target.parent.mkdir(parents=True, exist_ok=True)
+                publish(box, tally, pod_index, values, template)
+        finally:
+            # Each example starts with no live volume, also when hypothesis replays a failure.
+            unpublish_all(box, tally)
 
     run()
     print(
