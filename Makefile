@@ -38,12 +38,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -rs
 
-# The long versions of the crash trials and the property-based path tests (CI runs short ones).
+# The long versions of the crash trials and the property-based path and pod-info tests (CI runs
+# short ones).
 SOAK_KILLS ?= 90
 SOAK_EXAMPLES ?= 2000
 soak: $(STAMP)
 	CERT_AGENT_CRASH_KILLS=$(SOAK_KILLS) CERT_AGENT_HYPOTHESIS_EXAMPLES=$(SOAK_EXAMPLES) \
-		$(BIN)/pytest -q -s tests/test_crash_trials.py tests/test_target_properties.py
+		$(BIN)/pytest -q -s tests/test_crash_trials.py tests/test_target_properties.py \
+		tests/test_pod_info_properties.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
