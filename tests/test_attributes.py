@@ -147,6 +147,13 @@ def test_persistent_volume_is_refused() -> None:
     assert POD_INFO_PREFIX + "ephemeral" in err.message
 
 
+@pytest.mark.parametrize("value", ["True", " true ", "TRUE", ""])
+def test_ephemeral_must_be_exactly_what_kubelet_sends(value: str) -> None:
+    # The CSI layer accepts only "true"; the attribute parser must agree, not loosen it.
+    err = invalid(SEED_ATTRIBUTES, pod={**POD_CONTEXT, POD_INFO_PREFIX + "ephemeral": value})
+    assert POD_INFO_PREFIX + "ephemeral" in err.message
+
+
 def test_other_pod_info_keys_are_ignored_and_service_account_is_optional() -> None:
     pod = {k: v for k, v in POD_CONTEXT.items() if "serviceAccount" not in k}
     pod[POD_INFO_PREFIX + "serviceAccount.tokens"] = '{"aud": {"token": "x"}}'

@@ -37,7 +37,7 @@ def pod_info(context: Mapping[str, str]) -> PodInfo:
         fields[field_name] = _check_pod_value(key, value)
     ephemeral_key = POD_INFO_PREFIX + "ephemeral"
     ephemeral = context.get(ephemeral_key)
-    if ephemeral is not None and ephemeral.strip().lower() != "true":
+    if ephemeral is not None and ephemeral != "true":
         raise InvalidArgument(
             f"{ephemeral_key} is {quote(ephemeral)}: only inline ephemeral volumes are "
             "supported; declare the volume inline in the pod spec (csi: driver: ...)",
