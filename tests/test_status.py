@@ -296,3 +296,29 @@ def test_every_state_from_the_metadata_and_the_failure_count() -> None:
     assert backoff["next_renewal"] == now + 40 and backoff["renewal_time"] == now - 10
     assert (backoff["consecutive_failures"], backoff["last_error"]) == (3, "issuer down")
     assert backoff["serial"] == "0A"
+
+
+def test_the_status_socket_needs_a_private_directory_and_leaves_the_umask_alone(
+    tmp_path: Path,
+) -> None:
+    from agent.observe.status_socket import StatusServer
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    with pytest.raises(OSError, match="open to other users"):
+        StatusServer(open_dir / STATUS_SOCKET, lambda: {}).start()
+    assert not (open_dir / STATUS_SOCKET).exists()
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    before = os.umask(0o022)
+    os.umask(before)
+    server = StatusServer(private / STATUS_SOCKET, lambda: {})
+    server.start()
+    try:
+        assert stat.S_IMODE(os.stat(private / STATUS_SOCKET).st_mode) == 0o600
+        after = os.umask(before)
+        assert after == before  # the process-wide umask was never touched
+    finally:
+        server.stop()

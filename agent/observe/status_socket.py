@@ -54,12 +54,16 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         super().__init__(path, _Handler)
 
     def server_bind(self) -> None:
-        # Created 0600 from the start: no window in which another user could connect.
-        old = os.umask(0o177)
-        try:
-            super().server_bind()
-        finally:
-            os.umask(old)
+        # No umask dance: the umask is process-wide and would narrow files other threads create
+        # meanwhile. The socket lives in a directory only root may enter (the data root is made
+        # 0700 before any part starts; refuse anything looser), so the moment between bind and
+        # chmod is not a window for another user.
+        parent = os.path.dirname(str(self.server_address)) or "."
+        if os.stat(parent).st_mode & 0o077:
+            raise OSError(
+                f"{parent} is open to other users; the status socket needs a 0700 directory"
+            )
+        super().server_bind()
         os.chmod(str(self.server_address), 0o600)
 
 
