@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import itertools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from prometheus_client import CollectorRegistry
 from agent.errors import PermissionDenied
 from agent.issuers.pcr_service import PcrService
 from agent.kube.client import KubeSettings, make_api_client
+from agent.kube.pcr_client import PcrClient
+from agent.kube.pcr_watch import PcrWatch
 from agent.pki.ca import CertificateAuthority, StaticCAProvider
 from agent.spec.pcr import PcrIdentity, PcrNames, parse_signers
 from tests.conftest import openssl
@@ -394,6 +397,47 @@ def test_the_watch_survives_drops_and_410(pcr: Harness) -> None:
     third = pcr.answered(pcr.request(pcr.pod("web-2")))
     assert condition(third) is not None
     assert pcr.fake.count("GET", path, watch=True) >= 4
+
+
+def test_a_server_that_keeps_answering_410_is_retried_with_backoff(pcr: Harness) -> None:
+    """Regression: a watch answered 410 right after a fresh list was listed again at once,
+    looping as fast as the server answered. It backs off like any failure (as the informer)."""
+    path = "/podcertificaterequests"
+    api = make_api_client(KubeSettings(kubeconfig=str(pcr.kubeconfig)))
+    backoffs: list[int] = []  # how many requests the server had seen at each backoff
+
+    def backoff(failures: int) -> float:
+        backoffs.append(len(pcr.fake.requests))
+        return 0.0
+
+    watch = PcrWatch(
+        PcrClient(api).list_func(),
+        node=NODE,
+        signer=SIGNER,
+        on_object=lambda obj, arrived: None,
+        on_deleted=lambda obj: None,
+        backoff=backoff,
+    )
+    watch.start()
+    try:
+        assert watch.wait_listed(30)
+        pcr.fake.wait_until(lambda: pcr.fake.count("GET", path, watch=True) >= 1)
+        mark = len(pcr.fake.requests)
+        pcr.fake.gone_next_watches(5, path_contains=path)
+        pcr.fake.cut_watches()
+        pcr.fake.wait_until(lambda: pcr.fake.gone_pending == 0 and watch.lists >= 3)
+        with pcr.fake._cond:
+            indexed = list(enumerate(pcr.fake.requests))[mark:]
+        lists = [
+            i
+            for i, r in indexed
+            if path in r.path and r.method == "GET" and r.query.get("watch") not in ("true", "1")
+        ]
+        assert len(lists) >= 2
+        for before, after in itertools.pairwise(lists):
+            assert any(before < b <= after for b in backoffs), (lists, backoffs)
+    finally:
+        watch.stop()
 
 
 def test_requests_that_arrived_while_the_signer_was_down_are_signed_on_start(

@@ -88,17 +88,22 @@ class PcrWatch:
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            listed = False
             try:
                 if self._resource_version is None:
                     self._list()
+                    listed = True
                 self._watch()
                 failures = 0
                 continue
             except ApiException as exc:
                 if exc.status == 410:
-                    log.info("PCR watch expired, listing again", extra={"what": self.what})
                     self._resource_version = None
-                    continue
+                    if not listed:
+                        log.info("PCR watch expired, listing again", extra={"what": self.what})
+                        continue
+                    # Gone even from the version a list just gave: listing again at once would
+                    # loop as fast as the server answers (as kube/informer.py), so back off.
                 error = map_api_error(exc, self.what)
                 if exc.status == 404:
                     error.message += (
@@ -106,7 +111,7 @@ class PcrWatch:
                         "--feature-gates=PodCertificateRequest=true and "
                         "--runtime-config=certificates.k8s.io/v1beta1=true"
                     )
-                self._fail(error, retryable=is_retryable(exc))
+                self._fail(error, retryable=is_retryable(exc) or exc.status == 410)
             except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
                 log.info("PCR watch dropped", extra={"what": self.what, "error": str(exc)[:200]})
             except AgentError as exc:
