@@ -167,7 +167,7 @@ class Informer:
         self._attempted.set()
 
     def _watch(self) -> None:
-        watcher = _RawWatch()
+        watcher = RawWatch()
         self._watcher = watcher
         stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
             self._list_func,
@@ -204,8 +204,9 @@ class Informer:
             log.exception("watch consumer failed", extra={"what": self.what})
 
 
-class _RawWatch(k8s_watch.Watch):
-    """A watch that hands out plain dicts: no model classes (a pod's model is costly to build)."""
+class RawWatch(k8s_watch.Watch):
+    """A watch that hands out plain dicts: no model classes (a pod's model is costly to build,
+    and the models reject fields of other API versions)."""
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]

@@ -18,11 +18,11 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 import urllib3
-from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
 from agent.errors import AgentError
 from agent.kube.client import backoff_delay, is_retryable, map_api_error
+from agent.kube.informer import RawWatch
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class PcrWatch:
         self._listed.set()
 
     def _watch(self) -> None:
-        watcher = _RawWatch()
+        watcher = RawWatch()
         self._watcher = watcher
         stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
             self._list_func,
@@ -175,13 +175,3 @@ class PcrWatch:
             callback(obj)
         except Exception:
             log.exception("PCR handler failed", extra={"what": self.what})
-
-
-class _RawWatch(k8s_watch.Watch):
-    """Plain dicts, no model classes (the models reject fields of other API versions)."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    def get_return_type(self, func: Any) -> None:
-        return None
