@@ -39,6 +39,7 @@ import queue
 import random
 import re
 import socket
+import ssl
 import string
 import threading
 import time
@@ -632,6 +633,8 @@ class RequestRecord:
     query: dict[str, str]
     user: str | None
     body: Obj | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    client_cert: str | None = None  # the CN of the TLS client certificate, if one was presented
 
 
 @dataclass
@@ -657,6 +660,9 @@ class FakeKube:
             )
         }
         self.users: dict[str, str] = {AGENT_TOKEN: AGENT_USER}
+        # Over TLS (start(tls=...)): a client certificate's CN -> user, as x509 authentication.
+        self.cert_users: dict[str, str] = {}
+        self._tls = False
         # plural -> an object with on_create(res, obj) and on_update(res, old, new, status_only)
         # that default and validate like the real API server (tests/fake_pcr.py: PCRs).
         self.kind_hooks: dict[str, Any] = {}
@@ -681,10 +687,18 @@ class FakeKube:
 
     # ---- lifecycle
 
-    def start(self) -> FakeKube:
+    def start(self, tls: ssl.SSLContext | None = None) -> FakeKube:
+        """Serve plain HTTP, or HTTPS with ``tls`` (a server context; ask for client
+        certificates with ``verify_mode = CERT_OPTIONAL`` and the client CA loaded)."""
         handler = type("Handler", (_Handler,), {"fake": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = _QuietServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            # The handshake runs on the handler's first read, in its own thread.
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+            self._tls = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -709,7 +723,12 @@ class FakeKube:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self._tls else 'http'}://{host!s}:{port}"
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
 
     def write_kubeconfig(self, path: Path, token: str = AGENT_TOKEN) -> Path:
         config = {
@@ -1174,6 +1193,11 @@ _CLUSTER_PATH = re.compile(
 _VERBS = {"POST": "create", "DELETE": "delete", "PUT": "update", "PATCH": "patch"}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client refusing our certificate (a test of exactly that) is not a failure
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeKube
     protocol_version = "HTTP/1.1"
@@ -1214,10 +1238,18 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         auth = self.headers.get("Authorization", "")
         token = auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
-        user = fake.users.get(token) if token else None
+        cert_cn = self._client_cert_cn()
+        # As kube-apiserver: a bearer token, else the client certificate, identifies the user.
+        user = fake.users.get(token) if token else fake.cert_users.get(cert_cn or "")
         is_watch = method == "GET" and query.get("watch") in ("true", "1")
         record = RequestRecord(
-            method, parts.path, query, user, body if isinstance(body, dict) else None
+            method,
+            parts.path,
+            query,
+            user,
+            body if isinstance(body, dict) else None,
+            dict(self.headers.items()),
+            cert_cn,
         )
         fake._record(record)
         if fake._wait_if_hung(parts.path):
@@ -1400,6 +1432,18 @@ class _Handler(BaseHTTPRequestHandler):
                 fake._cond.notify_all()
 
     # ---- HTTP helpers
+
+    def _client_cert_cn(self) -> str | None:
+        connection = self.connection
+        if not isinstance(connection, ssl.SSLSocket):
+            return None
+        der = connection.getpeercert(binary_form=True)
+        if not der:
+            return None
+        names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME
+        )
+        return str(names[0].value) if names else None
 
     def _read_body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)

@@ -19,7 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from kubernetes.client.exceptions import ApiException
 
 from agent.errors import (
     DeadlineExceeded,
@@ -41,12 +40,12 @@ from agent.issuers.certmanager import (
 from agent.kube.client import (
     KubeSettings,
     NotFound,
-    RateLimitedApiClient,
     TokenBucket,
     make_api_client,
     map_api_error,
     with_retries,
 )
+from agent.kube.rest import ApiClient, KubeApiError
 from agent.spec.model import CertificateSpec, IssuerRef, PodInfo
 from tests.fakekube import (
     AGENT_USER,
@@ -406,7 +405,7 @@ def test_watch_answering_410_gone_relists_and_completes(
 
 
 def test_every_request_passes_the_rate_limiter(
-    fake: FakeKube, signer: FakeSigner, api: RateLimitedApiClient, issuer: CertManagerIssuer
+    fake: FakeKube, signer: FakeSigner, api: ApiClient, issuer: CertManagerIssuer
 ) -> None:
     taken = []
     real = api.limiter.acquire
@@ -508,10 +507,11 @@ def test_cert_manager_not_installed_is_a_clear_error(
 
 
 def test_admission_webhook_denial_is_invalid_argument_not_rbac() -> None:
-    exc = ApiException(status=403, reason="Forbidden")
-    exc.body = (
+    exc = KubeApiError(
+        403,
+        "Forbidden",
         '{"kind":"Status","code":403,"message":"admission webhook \\"webhook.cert-manager.io\\" '
-        'denied the request: spec.isCA: Invalid value"}'
+        'denied the request: spec.isCA: Invalid value"}',
     )
     error = map_api_error(exc, "create certificaterequests")
     assert isinstance(error, InvalidArgument)
@@ -562,10 +562,10 @@ def test_go_duration_format() -> None:
 
 def test_with_retries_honours_retry_after_and_maps_errors() -> None:
     slept: list[float] = []
-    calls = iter([ApiException(status=429, reason="Too Many Requests"), ApiException(status=500)])
-    first = next(calls)
-    first.headers = {"Retry-After": "7"}
-    attempts = [first, next(calls)]
+    attempts = [
+        KubeApiError(429, "Too Many Requests", headers={"retry-after": "7"}),
+        KubeApiError(500, "Internal Server Error"),
+    ]
 
     def call() -> str:
         if attempts:
@@ -579,13 +579,13 @@ def test_with_retries_honours_retry_after_and_maps_errors() -> None:
     assert slept[0] == 7.0 and len(slept) == 2
 
     def missing() -> None:
-        raise ApiException(status=404, reason="Not Found")
+        raise KubeApiError(404, "Not Found")
 
     with pytest.raises(NotFound):
         with_retries(missing, what="get secrets", deadline=100, clock=lambda: now[0])
 
     def down() -> None:
-        raise ApiException(status=503)
+        raise KubeApiError(503, "Service Unavailable")
 
     with pytest.raises(Unavailable):
         with_retries(
@@ -606,26 +606,6 @@ def test_token_bucket_allows_burst_then_qps() -> None:
     assert slept == []
     bucket.acquire()
     assert slept == [0.5]
-
-
-def test_in_cluster_configuration_when_no_kubeconfig(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from kubernetes.config import incluster_config
-
-    token, ca = tmp_path / "token", tmp_path / "ca.crt"
-    token.write_text("in-cluster-token")
-    ca.write_text("placeholder")
-    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
-    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(ca))
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    api = make_api_client(KubeSettings(qps=5, burst=7))
-    assert api.configuration.host == "https://10.96.0.1:443"
-    auth = api.configuration.auth_settings()["BearerToken"]
-    assert auth["value"].lower() == "bearer in-cluster-token"
-    assert isinstance(api, RateLimitedApiClient)
-    assert (api.limiter.qps, api.limiter.burst) == (5.0, 7)
 
 
 def test_unreadable_kubeconfig_is_a_clear_error(

@@ -24,7 +24,6 @@ from prometheus_client import CollectorRegistry
 from agent.errors import PermissionDenied
 from agent.issuers.pcr_service import PcrService
 from agent.kube.client import KubeSettings, make_api_client
-from agent.kube.pcr_client import PcrClient
 from agent.kube.pcr_watch import PcrWatch
 from agent.pki.ca import CertificateAuthority, StaticCAProvider
 from agent.spec.pcr import PcrIdentity, PcrNames, parse_signers
@@ -411,7 +410,7 @@ def test_a_server_that_keeps_answering_410_is_retried_with_backoff(pcr: Harness)
         return 0.0
 
     watch = PcrWatch(
-        PcrClient(api).list_func(),
+        api,
         node=NODE,
         signer=SIGNER,
         on_object=lambda obj, arrived: None,

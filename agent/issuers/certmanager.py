@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from kubernetes import client as k8s
-
 from agent.errors import AgentError, DeadlineExceeded, FailedPrecondition, Internal, Unavailable
 from agent.issuers.base import IssuedCertificate, IssueRequest
 from agent.issuers.cr_request import (
@@ -31,6 +29,7 @@ from agent.issuers.cr_request import (
     VERSION,
     Obj,
     build_request,
+    collection_path,
     go_duration,
     volume_label,
 )
@@ -45,6 +44,7 @@ from agent.issuers.cr_status import (
 )
 from agent.issuers.cr_wait import RequestWaiter
 from agent.kube.client import NotFound, bearer_token_client, with_retries
+from agent.kube.rest import ApiClient
 
 __all__ = [  # tests and docs import these from here
     "ANNOTATION_VOLUME",
@@ -67,18 +67,17 @@ class CertManagerIssuer:
 
     def __init__(
         self,
-        api: k8s.ApiClient,
+        api: ApiClient,
         *,
         node_id: str,
         driver_name: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api = api
-        self._objects = k8s.CustomObjectsApi(api)
         self._node_id = node_id
         self._driver_name = driver_name
         self._clock = clock
-        self._waiter = RequestWaiter(self._objects, clock)
+        self._waiter = RequestWaiter(api, clock)
         self._lock = threading.Lock()
         # volume id -> name of a request we stopped waiting for on timeout. Such a request may
         # become Ready before the retry; it is still ours to use (a Ready one is otherwise only
@@ -156,10 +155,7 @@ class CertManagerIssuer:
         try:
             result = with_retries(
                 lambda: cast(
-                    Obj,
-                    self._objects.list_namespaced_custom_object(
-                        GROUP, VERSION, namespace, PLURAL, label_selector=selector
-                    ),
+                    Obj, self._api.get(collection_path(namespace), {"labelSelector": selector})
                 ),
                 what=f'list certificaterequests.cert-manager.io in namespace "{namespace}"',
                 deadline=deadline,
@@ -193,7 +189,6 @@ class CertManagerIssuer:
         body = self.build_request(request)
         token = request.service_account_token
         api = bearer_token_client(self._api, token) if token else self._api
-        objects = k8s.CustomObjectsApi(api) if token else self._objects
         attempts = 0
 
         def create() -> tuple[Obj, str]:
@@ -205,24 +200,17 @@ class CertManagerIssuer:
                 found = self._find_reusable(again, request)
                 if found is not None:
                     return found, rv
-            created = cast(
-                Obj,
-                objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body),
-            )
+            created = cast(Obj, api.request("POST", collection_path(namespace), body=body))
             return created, created["metadata"]["resourceVersion"]
 
         who = "the pod's service account" if token else "the agent"
-        try:
-            cr, rv = with_retries(
-                create,
-                what=f'create certificaterequests.cert-manager.io in namespace "{namespace}" '
-                f"(as {who})",
-                deadline=deadline,
-                clock=self._clock,
-            )
-        finally:
-            if token:
-                api.close()  # type: ignore[no-untyped-call]
+        cr, rv = with_retries(
+            create,
+            what=f'create certificaterequests.cert-manager.io in namespace "{namespace}" '
+            f"(as {who})",
+            deadline=deadline,
+            clock=self._clock,
+        )
         log.info(
             "created CertificateRequest",
             extra={"volume_id": request.volume_id, "request": cr_name(cr), "as": who},
@@ -254,9 +242,7 @@ class CertManagerIssuer:
         name = cr["metadata"]["name"]
         try:
             with_retries(
-                lambda: self._objects.delete_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name
-                ),
+                lambda: self._api.request("DELETE", f"{collection_path(namespace)}/{name}"),
                 what=f'delete certificaterequests.cert-manager.io "{name}" in namespace '
                 f'"{namespace}"',
                 deadline=self._clock() + CLEANUP_SECONDS,

@@ -16,6 +16,13 @@ from agent.issuers.base import IssueRequest
 GROUP = "cert-manager.io"
 VERSION = "v1"
 PLURAL = "certificaterequests"
+
+
+def collection_path(namespace: str) -> str:
+    """The REST path of the CertificateRequests of ``namespace``."""
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+
+
 GENERATE_NAME = "cert-agent-"
 
 LABEL_VOLUME = "cert-agent.io/volume-id"

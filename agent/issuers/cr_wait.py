@@ -9,19 +9,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import cast
-
-import urllib3
-from kubernetes import client as k8s
-from kubernetes import watch as k8s_watch
-from kubernetes.client.exceptions import ApiException
 
 from agent.errors import IssuanceFailed
 from agent.issuers.base import IssuedCertificate, IssueRequest
-from agent.issuers.cr_request import GROUP, PLURAL, VERSION, Obj
+from agent.issuers.cr_request import Obj, collection_path
 from agent.issuers.cr_status import not_ready_error, outcome
 from agent.kube.client import backoff_delay, is_retryable, map_api_error, with_retries
+from agent.kube.rest import ApiClient, KubeApiError, KubeUnreachable, Watch
 
 # The cert-manager issuer's logger: waiting logs as part of it, as before the split.
 log = logging.getLogger("agent.issuers.certmanager")
@@ -32,8 +28,8 @@ WATCH_CONNECT_TIMEOUT = 10.0
 class RequestWaiter:
     """Watches CertificateRequests through ``objects`` (the agent's rate-limited client)."""
 
-    def __init__(self, objects: k8s.CustomObjectsApi, clock: Callable[[], float]) -> None:
-        self._objects = objects
+    def __init__(self, api: ApiClient, clock: Callable[[], float]) -> None:
+        self._api = api
         self._clock = clock
 
     def wait(
@@ -51,9 +47,9 @@ class RequestWaiter:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise not_ready_error(obj, timeout_seconds)
-            events = self._watch(namespace, name, rv, remaining)
+            watch = self._watch(namespace, name, rv, remaining)
             try:
-                for event in events:
+                for event in watch:
                     if event["type"] == "DELETED":
                         raise IssuanceFailed(
                             f"CertificateRequest {namespace}/{name} was deleted while the agent "
@@ -61,42 +57,29 @@ class RequestWaiter:
                             reason="request_deleted",
                         )
                     if event["type"] in ("ADDED", "MODIFIED"):
-                        obj = event["raw_object"]
+                        obj = event["object"]
                         rv = obj["metadata"].get("resourceVersion", rv)
                         issued = outcome(obj, request.csr_pem)
                         if issued is not None:
                             return issued
                 failures = 0
-            except ApiException as exc:
+            except KubeApiError as exc:
                 if exc.status != 410:
                     failures = self._watch_failed(exc, what, deadline, failures)
-            except urllib3.exceptions.HTTPError as exc:
+            except KubeUnreachable as exc:
                 failures = self._watch_failed(exc, what, deadline, failures)
-            finally:
-                events.close()
             # The stream ended, dropped or expired (410): list again, then watch from the list.
             obj, rv = self._relist(namespace, name, deadline)
 
-    def _watch(
-        self, namespace: str, name: str, rv: str, remaining: float
-    ) -> Generator[Obj, None, None]:
-        watcher = k8s_watch.Watch()  # type: ignore[no-untyped-call]
-        stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
-            self._objects.list_namespaced_custom_object,
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            field_selector=f"metadata.name={name}",
+    def _watch(self, namespace: str, name: str, rv: str, remaining: float) -> Watch:
+        return self._api.watch(
+            collection_path(namespace),
+            params={"fieldSelector": f"metadata.name={name}"},
             resource_version=rv,
             # Server-side timeout ends the stream at our deadline; the read timeout is a backstop.
             timeout_seconds=max(1, math.ceil(remaining)),
-            _request_timeout=(WATCH_CONNECT_TIMEOUT, remaining + 5),
+            read_timeout=remaining + 5,
         )
-        try:
-            yield from stream
-        finally:
-            stream.close()
 
     def _watch_failed(self, exc: BaseException, what: str, deadline: float, failures: int) -> int:
         if not is_retryable(exc):
@@ -112,8 +95,8 @@ class RequestWaiter:
         result = with_retries(
             lambda: cast(
                 Obj,
-                self._objects.list_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, field_selector=f"metadata.name={name}"
+                self._api.get(
+                    collection_path(namespace), {"fieldSelector": f"metadata.name={name}"}
                 ),
             ),
             what=f'list certificaterequests.cert-manager.io in namespace "{namespace}"',

@@ -50,7 +50,7 @@ class PcrService:
         ]
         self.watches = [
             PcrWatch(
-                client.list_func(),
+                client.api,
                 node=node,
                 signer=signer.signer,
                 on_object=signer.on_object,

@@ -20,11 +20,10 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from kubernetes import client as k8s
-
 from agent.errors import FailedPrecondition
 from agent.kube.client import NotFound, backoff_delay, with_retries
 from agent.kube.informer import Informer, Snapshot
+from agent.kube.rest import ApiClient
 from agent.pki.ca import CAError, CertificateAuthority, load_ca_pem
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class SecretCAProvider:
 
     def __init__(
         self,
-        api: k8s.ApiClient,
+        api: ApiClient,
         namespace: str,
         name: str,
         *,
@@ -59,7 +58,7 @@ class SecretCAProvider:
         require_at_start: bool = True,
         backoff: Callable[[int], float] = backoff_delay,
     ) -> None:
-        self._core = k8s.CoreV1Api(api)
+        self._api = api
         self.namespace = namespace
         self.name = name
         self._on_change = on_change
@@ -75,8 +74,8 @@ class SecretCAProvider:
         # The list+watch of this one Secret: after a 410 (compaction) it lists again and
         # watches from the list's version, never from the Secret's own older one.
         self._informer = Informer(
-            self._core.list_namespaced_secret,
-            args=(namespace,),
+            api,
+            f"/api/v1/namespaces/{namespace}/secrets",
             field_selector=f"metadata.name={name}",
             what=f'list and watch secrets "{name}" in namespace "{namespace}"',
             on_change=self._on_snapshot,
@@ -173,10 +172,7 @@ class SecretCAProvider:
         try:
             secret = with_retries(
                 lambda: cast(
-                    Obj,
-                    self._core.read_namespaced_secret(
-                        self.name, self.namespace, _preload_content=False
-                    ).json(),
+                    Obj, self._api.get(f"/api/v1/namespaces/{self.namespace}/secrets/{self.name}")
                 ),
                 what=f'get secrets "{self.name}" in namespace "{self.namespace}"',
                 deadline=deadline,

@@ -1,4 +1,4 @@
-"""Where a trust bundle comes from (kept apart from the watches, which need the kubernetes
+"""Where a trust bundle comes from (kept apart from the watches, which need the HTTP
 client: a standalone agent imports this without paying for that import at start)."""
 
 from __future__ import annotations

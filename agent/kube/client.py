@@ -1,6 +1,6 @@
 """Kubernetes API access: client construction with a client-side rate limit, and retries.
 
-Every request the agent makes goes through ``RateLimitedApiClient.call_api``, so one token bucket
+Every request the agent makes goes through ``ApiClient`` (``kube/rest.py``), so one token bucket
 (``--kube-qps`` / ``--kube-burst``) bounds the agent's load on the API server however many volumes
 it serves. ``with_retries`` turns the API's transient failures (429, 5xx, dropped connections) into
 backoff and its permanent ones into ``agent.errors`` classes with messages a user can act on.
@@ -8,7 +8,6 @@ backoff and its permanent ones into ``agent.errors`` classes with messages a use
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -17,12 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
+from typing import TypeVar
 
 from agent.errors import (
     Aborted,
@@ -33,6 +27,8 @@ from agent.errors import (
     PermissionDenied,
     Unavailable,
 )
+from agent.kube.kubeconfig import from_kubeconfig, in_cluster, kubeconfig_path
+from agent.kube.rest import ApiClient, KubeApiError, KubeUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -88,82 +84,39 @@ class TokenBucket:
             self._sleep(wait)
 
 
-class RateLimitedApiClient(k8s.ApiClient):
-    """An ``ApiClient`` whose every request first takes a token from a shared bucket."""
-
-    def __init__(
-        self, configuration: k8s.Configuration, limiter: TokenBucket, request_timeout: float
-    ) -> None:
-        super().__init__(configuration)
-        self.limiter = limiter
-        self.request_timeout = request_timeout
-
-    def call_api(
-        self,
-        method: str,
-        url: str,
-        header_params: Any = None,
-        body: Any = None,
-        post_params: Any = None,
-        _request_timeout: Any = None,
-    ) -> Any:
-        self.limiter.acquire()
-        return super().call_api(
-            method,
-            url,
-            header_params=header_params,
-            body=body,
-            post_params=post_params,
-            _request_timeout=_request_timeout or self.request_timeout,
-        )
-
-
-def make_api_client(settings: KubeSettings) -> k8s.ApiClient:
+def make_api_client(settings: KubeSettings) -> ApiClient:
     """In-cluster config when no kubeconfig is given and we run in a pod, else a kubeconfig file.
 
-    ``settings.kubeconfig`` None outside a pod means the client's default (``$KUBECONFIG`` or
-    ``~/.kube/config``).
+    ``settings.kubeconfig`` None outside a pod means ``$KUBECONFIG`` (its first file) or
+    ``~/.kube/config``.
     """
-    configuration = k8s.Configuration()
     try:
         if settings.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            config = in_cluster()
         else:
-            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=settings.kubeconfig,
-                client_configuration=configuration,
-                persist_config=False,
-            )
-    except (k8s_config.ConfigException, OSError) as exc:
+            config = from_kubeconfig(kubeconfig_path(settings.kubeconfig))
+    except FailedPrecondition as exc:
         where = settings.kubeconfig or "the in-cluster service account or ~/.kube/config"
         raise FailedPrecondition(
-            f"cannot load Kubernetes client configuration from {where}: {exc}"
+            f"cannot load Kubernetes client configuration from {where}: {exc.message}"
         ) from exc
+    if config.endpoint.insecure:
+        log.warning(
+            "the kubeconfig sets insecure-skip-tls-verify: the API server's certificate is "
+            "not checked, so anyone on the path can impersonate it",
+            extra={"server": config.endpoint.server},
+        )
     limiter = TokenBucket(settings.qps, settings.burst)
-    return RateLimitedApiClient(configuration, limiter, settings.request_timeout)
+    return ApiClient(config.endpoint, config.credentials, limiter, settings.request_timeout)
 
 
-def bearer_token_client(api: k8s.ApiClient, token: str) -> k8s.ApiClient:
+def bearer_token_client(api: ApiClient, token: str) -> ApiClient:
     """A client for the same API server that authenticates with ``token`` instead.
 
-    It shares ``api``'s rate limiter, so requests made on behalf of pods count against the
-    agent's budget. The caller closes it.
+    Only the bearer token: never the agent's own client certificate. It shares ``api``'s rate
+    limiter, so requests made on behalf of pods count against the agent's budget.
     """
-    base = api.configuration
-    configuration = k8s.Configuration(host=base.host)
-    configuration.ssl_ca_cert = base.ssl_ca_cert
-    configuration.verify_ssl = base.verify_ssl
-    configuration.assert_hostname = base.assert_hostname
-    configuration.tls_server_name = base.tls_server_name
-    configuration.proxy = base.proxy
-    configuration.no_proxy = base.no_proxy
-    configuration.proxy_headers = copy.copy(base.proxy_headers)
-    # Only the bearer token: never the agent's own client certificate or exec plugin.
-    configuration.api_key = {"authorization": token}
-    configuration.api_key_prefix = {"authorization": "Bearer"}
-    if isinstance(api, RateLimitedApiClient):
-        return RateLimitedApiClient(configuration, api.limiter, api.request_timeout)
-    return k8s.ApiClient(configuration)
+    return api.with_token(token)
 
 
 class NotFound(FailedPrecondition):
@@ -174,12 +127,10 @@ class Gone(Unavailable):
     """A resourceVersion is too old (HTTP 410): list again and watch from the new version."""
 
 
-def status_message(exc: ApiException) -> str:
+def status_message(exc: KubeApiError) -> str:
     """The ``message`` of a Kubernetes Status body, or the HTTP reason."""
     body = exc.body
-    if isinstance(body, bytes):
-        body = body.decode("utf-8", "replace")
-    if isinstance(body, str) and body:
+    if body:
         try:
             data = json.loads(body)
         except ValueError:
@@ -191,11 +142,9 @@ def status_message(exc: ApiException) -> str:
 
 def is_retryable(exc: BaseException) -> bool:
     """Transient: throttled, a server error, or the connection failed or dropped."""
-    if isinstance(exc, ApiException):
-        status = exc.status or 0
-        # status 0: the client's own wrapper around a TLS/connection failure.
-        return status in (0, 429) or status >= 500
-    return isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
+    if isinstance(exc, KubeApiError):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, KubeUnreachable | ConnectionError | TimeoutError)
 
 
 def retry_after_seconds(exc: BaseException) -> float | None:
@@ -218,7 +167,7 @@ def map_api_error(exc: BaseException, what: str) -> AgentError:
     ``what`` reads as the action, e.g. ``create certificaterequests.cert-manager.io in
     namespace "apps"``; it names the RBAC verb and resource for 403s.
     """
-    if not isinstance(exc, ApiException):
+    if not isinstance(exc, KubeApiError):
         return Unavailable(f"Kubernetes API unreachable while trying to {what}: {exc}")
     status = exc.status or 0
     message = status_message(exc)

@@ -123,7 +123,7 @@ class _Buckets:
 
 
 class EventRecorder:
-    """Writes Events about pods through ``api`` (a kubernetes ``ApiClient``)."""
+    """Writes Events about pods through ``api`` (the agent's ``kube.rest.ApiClient``)."""
 
     def __init__(
         self,
@@ -342,30 +342,24 @@ class EventRecorder:
                 log.exception("event result callback failed")
 
     def _write(self, write: _Write) -> None:
-        from kubernetes import client as k8s
-        from kubernetes.client.exceptions import ApiException
+        # Imported on first use: a standalone agent never loads the HTTP stack.
+        from agent.kube.rest import MERGE_PATCH, KubeApiError
 
-        # The generic client sends the dict as it is; the typed EventsV1Api would re-encode
-        # eventTime through datetime and lose the MicroTime format.
-        objects = k8s.CustomObjectsApi(self.api)
-        group, version, plural = "events.k8s.io", "v1", "events"
+        collection = f"/apis/events.k8s.io/v1/namespaces/{write.namespace}/events"
         if write.series is not None:
             try:
-                objects.patch_namespaced_custom_object(
-                    group,
-                    version,
-                    write.namespace,
-                    plural,
-                    write.name,
-                    {"series": write.series},
-                    _content_type="application/merge-patch+json",
+                self.api.request(
+                    "PATCH",
+                    f"{collection}/{write.name}",
+                    body={"series": write.series},
+                    content_type=MERGE_PATCH,
                 )
                 return
-            except ApiException as exc:
+            except KubeApiError as exc:
                 if exc.status != 404:
                     raise
                 # The first write was dropped or the Event aged out: create it whole.
-        objects.create_namespaced_custom_object(group, version, write.namespace, plural, write.body)
+        self.api.request("POST", collection, body=write.body)
 
 
 def micro_time(epoch: float) -> str:

@@ -10,19 +10,15 @@ compute their state from a snapshot and never depend on seeing each event.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
-
-import urllib3
-from kubernetes import watch as k8s_watch
-from kubernetes.client.exceptions import ApiException
 
 from agent.errors import AgentError
 from agent.kube.client import backoff_delay, is_retryable, map_api_error
+from agent.kube.rest import ApiClient, KubeApiError, KubeUnreachable, Watch
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +34,29 @@ def object_key(obj: Obj) -> str:
 
 
 class Informer:
-    """Keeps ``snapshot()`` equal to what ``list_func(**selectors)`` returns, via one watch."""
+    """Keeps ``snapshot()`` equal to the collection at ``path`` (narrowed by the selectors),
+    via one watch."""
 
     def __init__(
         self,
-        list_func: Callable[..., Any],
+        api: ApiClient,
+        path: str,
         *,
         what: str,
         on_change: Callable[[Snapshot], None],
         name: str,
-        args: tuple[Any, ...] = (),
         field_selector: str | None = None,
         label_selector: str | None = None,
         watch_seconds: int = WATCH_SECONDS,
         backoff: Callable[[int], float] = backoff_delay,
     ) -> None:
-        self._list_func = list_func
-        self._args = args
-        self._selectors: dict[str, str] = {}
+        self._api = api
+        self._path = path
+        self._selectors: dict[str, str | int | bool] = {}
         if field_selector:
-            self._selectors["field_selector"] = field_selector
+            self._selectors["fieldSelector"] = field_selector
         if label_selector:
-            self._selectors["label_selector"] = label_selector
+            self._selectors["labelSelector"] = label_selector
         self.what = what  # "list pods with fieldSelector spec.nodeName=node-1": names the verb
         self.name = name
         self._on_change = on_change
@@ -73,7 +70,7 @@ class Informer:
         # through the retries of a transient failure (429, 5xx, a dropped connection) for that.
         self._attempted = threading.Event()
         self._stop = threading.Event()
-        self._watcher: Any = None
+        self._watcher: Watch | None = None
         self._thread: threading.Thread | None = None
         self.last_error: AgentError | None = None
         self.relists = 0  # lists after the first (410 Gone), for tests and logs
@@ -125,7 +122,7 @@ class Informer:
                 self._watch()
                 failures = 0
                 continue
-            except ApiException as exc:
+            except KubeApiError as exc:
                 if exc.status == 410:
                     self._resource_version = None
                     self.relists += 1
@@ -137,7 +134,7 @@ class Informer:
                 self._fail(
                     map_api_error(exc, self.what), retryable=is_retryable(exc) or exc.status == 410
                 )
-            except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+            except (KubeUnreachable, ConnectionError, TimeoutError) as exc:
                 self._fail(map_api_error(exc, self.what), retryable=True)
             except AgentError as exc:
                 self._fail(exc, retryable=True)
@@ -155,8 +152,7 @@ class Informer:
         log.log(level, "list/watch failed", extra={"what": self.what, "error": error.message})
 
     def _list(self) -> None:
-        response = self._list_func(*self._args, **self._selectors, _preload_content=False)
-        body = json.loads(response.data)
+        body = self._api.get(self._path, self._selectors)
         objects = {object_key(obj): obj for obj in body.get("items") or []}
         with self._lock:
             self._objects = objects
@@ -167,21 +163,20 @@ class Informer:
         self._attempted.set()
 
     def _watch(self) -> None:
-        watcher = RawWatch()
-        self._watcher = watcher
-        stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
-            self._list_func,
-            *self._args,
-            **self._selectors,
+        watcher = self._api.watch(
+            self._path,
+            params=self._selectors,
             resource_version=self._resource_version,
             timeout_seconds=self._watch_seconds,
-            _request_timeout=(10, self._watch_seconds + 10),
         )
+        self._watcher = watcher
         try:
-            for event in stream:
+            if self._stop.is_set():
+                return  # stop() may have run before the watcher existed
+            for event in watcher:
                 if self._stop.is_set():
                     return
-                kind, obj = event.get("type"), event.get("raw_object") or {}
+                kind, obj = event.get("type"), event.get("object") or {}
                 version = (obj.get("metadata") or {}).get("resourceVersion")
                 if kind in ("ADDED", "MODIFIED"):
                     with self._lock:
@@ -190,11 +185,10 @@ class Informer:
                     with self._lock:
                         self._objects.pop(object_key(obj), None)
                 if version:
-                    self._resource_version = version
+                    self._resource_version = version  # BOOKMARKs carry only this
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     self._notify()
         finally:
-            stream.close()
             self._watcher = None
 
     def _notify(self) -> None:
@@ -202,14 +196,3 @@ class Informer:
             self._on_change(self.snapshot())
         except Exception:
             log.exception("watch consumer failed", extra={"what": self.what})
-
-
-class RawWatch(k8s_watch.Watch):
-    """A watch that hands out plain dicts: no model classes (a pod's model is costly to build,
-    and the models reject fields of other API versions)."""
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    def get_return_type(self, func: Any) -> None:
-        return None

@@ -13,11 +13,9 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from kubernetes import client as k8s
-
 from agent.errors import Aborted, PermissionDenied
 from agent.kube.client import NotFound, with_retries
-from agent.kube.raw import request_json
+from agent.kube.rest import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +39,9 @@ def describe(pcr: Obj) -> str:
 
 
 class PcrClient:
-    def __init__(self, api: k8s.ApiClient, *, clock: Callable[[], float] = time.monotonic):
-        self._api = api
-        self._certs = k8s.CertificatesV1beta1Api(api)
+    def __init__(self, api: ApiClient, *, clock: Callable[[], float] = time.monotonic):
+        self.api = api
         self._clock = clock
-
-    def list_func(self) -> Callable[..., Any]:
-        """The list/watch call for PCRs across namespaces (narrowed by field selectors)."""
-        return cast(Callable[..., Any], self._certs.list_pod_certificate_request_for_all_namespaces)
 
     def get_pod(self, namespace: str, name: str) -> Obj | None:
         """The pod, or None when it does not exist."""
@@ -108,7 +101,7 @@ class PcrClient:
 
     def _request(self, method: str, path: str, body: Obj | None, what: str) -> Obj:
         return with_retries(
-            lambda: request_json(self._api, method, path, body, timeout=CALL_SECONDS),
+            lambda: cast(Obj, self.api.request(method, path, body=body, timeout=CALL_SECONDS)),
             what=what,
             deadline=self._clock() + CALL_SECONDS,
         )

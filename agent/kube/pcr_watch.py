@@ -10,24 +10,22 @@ monotonic time it arrived, DELETED ones to ``on_deleted``; the consumer decides 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
-
-import urllib3
-from kubernetes.client.exceptions import ApiException
 
 from agent.errors import AgentError
 from agent.kube.client import backoff_delay, is_retryable, map_api_error
-from agent.kube.informer import RawWatch
+from agent.kube.rest import ApiClient, KubeApiError, KubeUnreachable, Watch
 
 log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 WATCH_SECONDS = 300  # server-side timeout of one watch; then we simply watch again
+# Across namespaces; the field selector narrows it to this node and signer.
+PCR_LIST_PATH = "/apis/certificates.k8s.io/v1beta1/podcertificaterequests"
 
 
 def pcr_field_selector(node: str, signer: str) -> str:
@@ -39,7 +37,7 @@ class PcrWatch:
 
     def __init__(
         self,
-        list_func: Callable[..., Any],
+        api: ApiClient,
         *,
         node: str,
         signer: str,
@@ -49,7 +47,7 @@ class PcrWatch:
         backoff: Callable[[int], float] = backoff_delay,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._list_func = list_func
+        self._api = api
         self.field_selector = pcr_field_selector(node, signer)
         self.what = f"list podcertificaterequests with fieldSelector {self.field_selector}"
         self.signer = signer
@@ -61,7 +59,7 @@ class PcrWatch:
         self._resource_version: str | None = None
         self._stop = threading.Event()
         self._listed = threading.Event()
-        self._watcher: Any = None
+        self._watcher: Watch | None = None
         self._thread: threading.Thread | None = None
         self.lists = 0  # for tests and logs: 1 + relists after 410 or errors
         self.last_error: AgentError | None = None
@@ -96,7 +94,7 @@ class PcrWatch:
                 self._watch()
                 failures = 0
                 continue
-            except ApiException as exc:
+            except KubeApiError as exc:
                 if exc.status == 410:
                     self._resource_version = None
                     if not listed:
@@ -112,7 +110,7 @@ class PcrWatch:
                         "--runtime-config=certificates.k8s.io/v1beta1=true"
                     )
                 self._fail(error, retryable=is_retryable(exc) or exc.status == 410)
-            except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+            except (KubeUnreachable, ConnectionError, TimeoutError) as exc:
                 log.info("PCR watch dropped", extra={"what": self.what, "error": str(exc)[:200]})
             except AgentError as exc:
                 self._fail(exc, retryable=True)
@@ -128,9 +126,8 @@ class PcrWatch:
         log.log(level, "PCR list/watch failed", extra={"what": self.what, "error": error.message})
 
     def _list(self) -> None:
-        response = self._list_func(field_selector=self.field_selector, _preload_content=False)
+        body = self._api.get(PCR_LIST_PATH, {"fieldSelector": self.field_selector})
         arrived = self._clock()
-        body = json.loads(response.data)
         self.lists += 1
         self.last_error = None
         for obj in body.get("items") or []:
@@ -141,21 +138,21 @@ class PcrWatch:
         self._listed.set()
 
     def _watch(self) -> None:
-        watcher = RawWatch()
-        self._watcher = watcher
-        stream: Generator[Obj, None, None] = watcher.stream(  # type: ignore[no-untyped-call]
-            self._list_func,
-            field_selector=self.field_selector,
+        watcher = self._api.watch(
+            PCR_LIST_PATH,
+            params={"fieldSelector": self.field_selector},
             resource_version=self._resource_version,
             timeout_seconds=self._watch_seconds,
-            _request_timeout=(10, self._watch_seconds + 10),
         )
+        self._watcher = watcher
         try:
-            for event in stream:
+            if self._stop.is_set():
+                return
+            for event in watcher:
                 arrived = self._clock()
                 if self._stop.is_set():
                     return
-                kind, obj = event.get("type"), event.get("raw_object") or {}
+                kind, obj = event.get("type"), event.get("object") or {}
                 if kind in ("ADDED", "MODIFIED"):
                     self._deliver(obj, arrived)
                 elif kind == "DELETED":
@@ -164,7 +161,6 @@ class PcrWatch:
                 if version:
                     self._resource_version = version
         finally:
-            stream.close()
             self._watcher = None
 
     def _deliver(self, obj: Obj, arrived: float) -> None:

@@ -15,10 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kubernetes import client as k8s
-
 from agent.errors import AgentError, PermissionDenied, Unavailable
 from agent.kube.informer import Informer, Obj, Snapshot
+from agent.kube.rest import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class PodIPWatch:
 
     def __init__(
         self,
-        api: k8s.ApiClient,
+        api: ApiClient,
         node_name: str,
         *,
         on_ips: Callable[[str, tuple[str, ...]], None] | None = None,
@@ -67,7 +66,8 @@ class PodIPWatch:
         self._ips: dict[str, tuple[str, ...]] = {}
         self._seen: dict[str, float] = {}  # uid -> when its current IPs first showed in the watch
         self._informer = Informer(
-            k8s.CoreV1Api(api).list_pod_for_all_namespaces,
+            api,
+            "/api/v1/pods",
             what=f"list and watch pods with fieldSelector spec.nodeName={node_name}",
             on_change=self._on_change,
             name="pod-watch",

@@ -14,13 +14,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-from kubernetes import client as k8s
+from typing import Any, cast
 
 from agent.errors import Aborted, AgentError
 from agent.kube.client import NotFound, with_retries
-from agent.kube.raw import request_json
+from agent.kube.rest import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ def bundle_name(signer: str) -> str:
 class TrustBundlePublisher:
     def __init__(
         self,
-        api: k8s.ApiClient,
+        api: ApiClient,
         signers: tuple[str, ...],
         bundle_pem: Callable[[], bytes],
         *,
@@ -120,7 +118,7 @@ class TrustBundlePublisher:
 
     def _call(self, method: str, path: str, body: Obj | None, what: str) -> Obj:
         return with_retries(
-            lambda: request_json(self._api, method, path, body, timeout=CALL_SECONDS),
+            lambda: cast(Obj, self._api.request(method, path, body=body, timeout=CALL_SECONDS)),
             what=what,
             deadline=time.monotonic() + CALL_SECONDS,
         )

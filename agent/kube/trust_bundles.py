@@ -19,11 +19,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from kubernetes import client as k8s
 
 from agent.errors import FailedPrecondition, PermissionDenied, Unavailable
 from agent.kube.bundle_source import BundleSource
 from agent.kube.informer import Informer, Snapshot
+from agent.kube.rest import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ RBAC_HINT = (
     "grant get, list and watch on configmaps and clustertrustbundles.certificates.k8s.io to the "
     "agent (the deploy/components/pod-info component)"
 )
+CTB_PATH = "/apis/certificates.k8s.io/v1beta1/clustertrustbundles"
 _PEM_BLOCK = re.compile(r"-----BEGIN ([^-]+)-----(.*?)-----END ([^-]+)-----", re.DOTALL)
 
 
@@ -82,14 +83,13 @@ class TrustBundleWatcher:
 
     def __init__(
         self,
-        api: k8s.ApiClient,
+        api: ApiClient,
         *,
         on_change: Callable[[BundleSource, bytes, set[str]], None] | None = None,
         on_problem: Callable[[BundleSource, bool], None] | None = None,
         informer_options: dict[str, Any] | None = None,
     ) -> None:
-        self._core = k8s.CoreV1Api(api)
-        self._certificates = k8s.CertificatesV1beta1Api(api)
+        self._api = api
         self.on_change = on_change
         self.on_problem = on_problem
         self._informer_options = informer_options or {}
@@ -181,18 +181,18 @@ class TrustBundleWatcher:
         options: dict[str, Any] = dict(self._informer_options)
         if source.kind == "configmap":
             return Informer(
-                self._core.list_namespaced_config_map,
-                args=(source.namespace,),
+                self._api,
+                f"/api/v1/namespaces/{source.namespace}/configmaps",
                 what=f'list and watch configmaps "{source.name}" in namespace "{source.namespace}"',
                 on_change=changed,
                 name=f"bundle-cm-{source.namespace}-{source.name}",
                 field_selector=f"metadata.name={source.name}",
                 **options,
             )
-        ctb = self._certificates.list_cluster_trust_bundle
         if source.kind == "cluster":
             return Informer(
-                ctb,
+                self._api,
+                CTB_PATH,
                 what=f'list and watch clustertrustbundles "{source.name}"',
                 on_change=changed,
                 name=f"bundle-ctb-{source.name}",
@@ -200,7 +200,8 @@ class TrustBundleWatcher:
                 **options,
             )
         return Informer(
-            ctb,
+            self._api,
+            CTB_PATH,
             what=f"list and watch clustertrustbundles of signer {source.signer_name}",
             on_change=changed,
             name=f"bundle-signer-{source.signer_name}",
