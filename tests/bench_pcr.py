@@ -1,6 +1,6 @@
 """Benchmark section: a PodCertificateRequest arriving in the watch -> its status written.
 
-The PCR signer (``PcrService``, the agent's own code) on the real ``kubernetes`` client against
+The PCR signer (``PcrService``, the agent's own code) on the agent's own REST client against
 the in-process fake API server with PodCertificateRequests (tests/fake_pcr.py: the real status
 validation runs on every write). Measured per request:
 
@@ -135,7 +135,7 @@ def render_pcr(
 
     add("## 7. PodCertificateRequests: from the watch event to the status")
     add("")
-    add("The PCR signer (`--pcr-signer-name`) on the real `kubernetes` client against the")
+    add("The PCR signer (`--pcr-signer-name`) on the agent's own REST client against the")
     add("in-process fake API server, which validates every status with the real rules; local CA")
     add("ECDSA P-256, kubelet's keys ECDSA P-256 (stub PKCS#10 form). *Watch event*: from the")
     add("request arriving in the agent's watch to its Issued status written (pod GET, key check,")

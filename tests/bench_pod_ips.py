@@ -120,7 +120,7 @@ def render_pod_ips(
     add("## 6. Pod IP SANs: from the watch event to the certificate")
     add("")
     add("An in-process agent in cluster mode against the in-process fake API server (real REST,")
-    add("real `kubernetes` client), local CA, ECDSA P-256, `ip-sans: ${POD_IPS}`. Each volume is")
+    add("agent's REST client), local CA, ECDSA P-256, `ip-sans: ${POD_IPS}`. Each volume is")
     add("published while its pod has no IP; then the pod's status gets one. *Watch event*: from")
     add("the agent's pod watch delivering the IP to the reissued certificate being committed")
     add("(what `cert_agent_pod_ip_san_latency_seconds` observes). *Status write*: from the fake")

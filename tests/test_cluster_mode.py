@@ -1,7 +1,8 @@
 """The agent in cluster mode against a fake API server that speaks the real REST protocol.
 
-The real `kubernetes` client talks to tests.fakekube over HTTP; a fake signer plays cert-manager's
-approver and CA issuer. Everything else is the real agent on its real socket with real mounts.
+The agent's REST client (kube/rest.py) talks to tests.fakekube over HTTP; a fake signer plays
+cert-manager's approver and CA issuer. Everything else is the real agent on its real socket with
+real mounts.
 """
 
 from __future__ import annotations

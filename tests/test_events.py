@@ -1,6 +1,6 @@
 """Kubernetes Events on the pod: shape, aggregation into series, rate limits, best effort.
 
-The recorder talks through the real `kubernetes` client to tests.fakekube, which validates every
+The recorder talks through the agent's REST client to tests.fakekube, which validates every
 Event against the events.k8s.io/v1 schema and the API server's own create/update rules. Clocks are
 injected; the writer is driven with ``drain()`` so nothing waits on wall time.
 """

@@ -1,4 +1,4 @@
-"""The PodCertificateRequest signer against the fake API server (real REST, real kubernetes client).
+"""The PodCertificateRequest signer against the fake API server (real REST, the agent's client).
 
 The fake holds PCRs with the real server's admission and status validation (tests/fake_pcr.py),
 so every status the agent writes is checked by the same rules as in a cluster; a status that

@@ -22,8 +22,6 @@ from agent.kube.rest import ApiClient, KubeApiError, KubeUnreachable, Watch
 # The cert-manager issuer's logger: waiting logs as part of it, as before the split.
 log = logging.getLogger("agent.issuers.certmanager")
 
-WATCH_CONNECT_TIMEOUT = 10.0
-
 
 class RequestWaiter:
     """Watches CertificateRequests through ``objects`` (the agent's rate-limited client)."""

@@ -32,7 +32,9 @@ USER_AGENT = f"cert-agent/{__version__}"
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 WATCH_CONNECT_SECONDS = 10.0
-POOL_SIZE = 8  # concurrent requests that keep their connection (watches hold one each)
+# Idle connections kept per server: each watch (pods, trust-bundle sources, PCR signers, the CA
+# Secret) holds one while it runs, and issuance calls run beside them.
+POOL_SIZE = 32
 
 
 class KubeApiError(Exception):
