@@ -474,22 +474,33 @@ def test_watch_error_410_raises_gone(fake: FakeKube, tmp_path: Path) -> None:
     assert "too old resource version" in info.value.body
 
 
-def test_watch_stop_from_another_thread_ends_a_quiet_stream(fake: FakeKube, tmp_path: Path) -> None:
-    api = client_for(fake.write_kubeconfig(tmp_path / "kc"))
+@pytest.mark.parametrize("tls", [False, True])
+def test_watch_stop_from_another_thread_ends_a_quiet_stream(
+    tls: bool, pki: Pki, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    fake: FakeKube = request.getfixturevalue("tls_fake" if tls else "fake")
+    cluster: dict[str, Any] = {"server": fake.url}
+    if tls:
+        cluster["certificate-authority-data"] = b64(pki.ca)
+    api = client_for(write_kubeconfig(tmp_path / "kc", cluster, {"token": AGENT_TOKEN}))
     watch = api.watch(SECRETS, timeout_seconds=600)
-    ended = threading.Event()
+    ended, first = threading.Event(), threading.Event()
     seen: list[Any] = []
 
     def consume() -> None:
-        seen.extend(watch)  # the server sends nothing for 600 s
+        for event in watch:  # one event, then the server sends nothing for 600 s
+            seen.append(event["object"]["metadata"]["name"])
+            first.set()
         ended.set()
 
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     fake.wait_for_watch(1, "secrets")
+    fake.put_secret("apps", "a", {"k": b"1"})
+    assert first.wait(10)  # the reader is now blocked inside the stream, past the headers
     watch.stop()
     assert ended.wait(10), "stop() did not end the stream"
-    assert seen == []
+    assert seen == ["a"]
 
 
 def test_a_dropped_watch_raises_unreachable(fake: FakeKube, tmp_path: Path) -> None:
