@@ -608,6 +608,24 @@ def test_token_bucket_allows_burst_then_qps() -> None:
     assert slept == [0.5]
 
 
+def test_in_cluster_configuration_when_no_kubeconfig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.kube import kubeconfig
+    from agent.pki.ca import ensure_self_signed_ca
+
+    (tmp_path / "token").write_text("in-cluster-token\n")
+    (tmp_path / "ca.crt").write_bytes(ensure_self_signed_ca(tmp_path / "ca").cert_pem)
+    monkeypatch.setattr(kubeconfig, "SERVICE_ACCOUNT_DIR", tmp_path)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    api = make_api_client(KubeSettings(qps=5, burst=7))
+    assert api.server == "https://10.96.0.1:443"
+    assert api.credentials.token() == "in-cluster-token"
+    assert isinstance(api.limiter, TokenBucket)
+    assert (api.limiter.qps, api.limiter.burst) == (5.0, 7)
+
+
 def test_unreadable_kubeconfig_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

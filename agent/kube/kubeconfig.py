@@ -102,8 +102,9 @@ class FileToken:
 
 
 def in_cluster(
-    env: Mapping[str, str] = os.environ, account_dir: Path = SERVICE_ACCOUNT_DIR
+    env: Mapping[str, str] = os.environ, account_dir: Path | None = None
 ) -> ClientConfig:
+    account_dir = account_dir or SERVICE_ACCOUNT_DIR
     host, port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "")
     if not host or not port:
         raise FailedPrecondition(
