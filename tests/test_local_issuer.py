@@ -536,3 +536,97 @@ def test_eku_oids_in_issued_certificate(issuer: LocalCAIssuer) -> None:
     assert list(eku) == [ExtendedKeyUsageOID.CODE_SIGNING, ExtendedKeyUsageOID.TIME_STAMPING]
     ku = issued.leaf.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.digital_signature and not ku.value.key_encipherment
+
+
+def _sign_both_ways(
+    issuer: LocalCAIssuer, spec: CertificateSpec, key: PrivateKey
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """The same key and spec signed from a CSR and from the public key alone."""
+    from_csr = issuer.issue(IssueRequest("v", "node-1", POD, spec, build_csr(key, spec)), 5)
+    direct = issuer.issue(
+        IssueRequest("v", "node-1", POD, spec, b"", public_key=key.public_key()), 5
+    )
+    # Both parse back from the PEM the volume gets, not from the issuer's own objects.
+    return (
+        x509.load_pem_x509_certificates(from_csr.chain_pem)[0],
+        x509.load_pem_x509_certificates(direct.chain_pem)[0],
+    )
+
+
+def _contents(cert: x509.Certificate) -> tuple[object, ...]:
+    """Everything of a certificate but its serial and signature bytes."""
+    return (
+        cert.subject.public_bytes(),
+        cert.issuer.public_bytes(),
+        cert.not_valid_before_utc,
+        cert.not_valid_after_utc,
+        cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        cert.signature_algorithm_oid,
+        [(e.oid, e.critical, e.value.public_bytes()) for e in cert.extensions],
+    )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        FULL_SPEC,
+        # Empty subject: the SAN extension turns critical.
+        CertificateSpec(uris=("spiffe://cluster.local/ns/a/sa/b",), key=EC_KEY),
+        # Literal subject, no SANs, extended usages only (no KeyUsage extension at all).
+        CertificateSpec(
+            subject=SubjectSpec(literal_subject="CN=literal,O=Org,C=DE"),
+            key=EC_KEY,
+            key_usages=("client auth",),
+        ),
+        CertificateSpec(
+            subject=SubjectSpec(common_name="ca.example", countries=("FR",)),
+            dns_names=("ca.example",),
+            key=KeySpec(KeyAlgorithm.RSA, 2048, KeyEncoding.PKCS1),
+            is_ca=True,
+            duration_seconds=3600,
+        ),
+    ],
+    ids=["full", "empty-subject", "literal-subject", "ca-rsa"],
+)
+def test_signing_the_public_key_gives_the_certificate_a_csr_gives(
+    tmp_path: Path, ca: CertificateAuthority, spec: CertificateSpec
+) -> None:
+    """The manager hands the local CA the public key instead of a CSR (the key never left the
+    process): the certificate must be the one the CSR path makes, extension for extension."""
+    if spec.is_ca:  # the self-signed CA has pathlen 0: sign CAs with an openssl root
+        root_crt, root_key, _, _ = make_openssl_ca(tmp_path)
+        ca = load_ca_files(root_crt, root_key)
+    now = dt.datetime.now(dt.UTC)
+    issuer = LocalCAIssuer(StaticCAProvider(ca), allow_ca=True, clock=lambda: now)
+    from_csr, direct = _sign_both_ways(issuer, spec, generate_private_key(spec.key))
+    assert _contents(direct) == _contents(from_csr)
+    assert direct.serial_number != from_csr.serial_number  # two issuances, not one reused
+
+
+def test_signing_the_public_key_refuses_what_the_csr_path_refuses(
+    ca: CertificateAuthority,
+) -> None:
+    key = generate_private_key(EC_KEY)
+    issuer = LocalCAIssuer(StaticCAProvider(ca), allowed_namespaces=frozenset({"other"}))
+
+    def refusals(spec: CertificateSpec) -> tuple[str, str]:
+        messages = []
+        for make in (
+            lambda: IssueRequest("v", "n", POD, spec, build_csr(key, spec)),
+            lambda: IssueRequest("v", "n", POD, spec, b"", public_key=key.public_key()),
+        ):
+            with pytest.raises((InvalidArgument, PermissionDenied)) as caught:
+                issuer.issue(make(), 5)
+            messages.append(caught.value.message)
+        return messages[0], messages[1]
+
+    # A spec naming nothing: refused before the namespace check, as build_csr refused it.
+    nothing = CertificateSpec(key=EC_KEY)
+    csr_message, direct_message = refusals(nothing)
+    assert "would identify nothing" in direct_message and direct_message == csr_message
+    # A namespace the issuer does not sign for.
+    named = CertificateSpec(dns_names=("a.example",), key=EC_KEY)
+    csr_message, direct_message = refusals(named)
+    assert "does not sign for namespace" in direct_message and direct_message == csr_message

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from agent.pki.serials import format_serial
 from agent.spec.model import CertificateSpec, PodInfo
@@ -24,6 +25,10 @@ class IssueRequest:
     # A token of the pod's service account (CSIDriver tokenRequests), so cert-manager can create
     # the request as that account. Held in memory only, never written to the metadata.
     service_account_token: str | None = field(default=None, repr=False)
+    # Set instead of a CSR (``csr_pem`` empty) for an issuer with ``signs_public_key``: the agent's
+    # own CA signs the public key of a key that never left this process, so a CSR built and
+    # verified within the same call would prove nothing (docs/benchmarks.md, section 9).
+    public_key: CertificatePublicKeyTypes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,18 @@ class IssuedCertificate:
     ca_pem: bytes
     # Where it came from, for logs and messages: ``namespace/name`` of a CertificateRequest.
     request: str = ""
+    # The leaf, parsed once: an issuer that built it passes it, otherwise the first use parses.
+    parsed_leaf: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def leaf(self) -> x509.Certificate:
-        return x509.load_pem_x509_certificates(self.chain_pem)[0]
+        if self.parsed_leaf is None:
+            # Frozen, but a cache of what chain_pem already says changes nothing observable.
+            object.__setattr__(
+                self, "parsed_leaf", x509.load_pem_x509_certificates(self.chain_pem)[0]
+            )
+        assert self.parsed_leaf is not None
+        return self.parsed_leaf
 
     @property
     def not_before(self) -> dt.datetime:

@@ -27,7 +27,7 @@ from agent.errors import (
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
 from agent.pki.ca import CAProvider, CertificateAuthority, utcnow
-from agent.pki.csr import key_usage_is_empty, usages_to_extensions
+from agent.pki.csr import key_usage_is_empty, requested_names, usages_to_extensions
 from agent.pki.keys import signing_hash
 from agent.spec.model import DEFAULT_DURATION_SECONDS
 
@@ -56,6 +56,7 @@ class LocalCAIssuer:
         self._clock = clock
         # Raises PermissionDenied for names the CA may not sign (the node CA's name constraints).
         self._leaf_guard = leaf_guard
+        self._aki: tuple[CertificateAuthority, x509.AuthorityKeyIdentifier] | None = None
 
     @property
     def name(self) -> str:
@@ -65,12 +66,26 @@ class LocalCAIssuer:
     def max_duration_seconds(self) -> int:
         return self._max_duration
 
+    # The key it signs for never leaves the agent's process: the manager passes the public key
+    # itself and builds no CSR (see IssueRequest.public_key).
+    signs_public_key = True
+
     def issue(self, request: IssueRequest, timeout_seconds: float) -> IssuedCertificate:
-        """Sign ``request.csr_pem``. Local signing never waits, so ``timeout_seconds`` is unused."""
+        """Sign ``request.public_key`` for the names the spec asks for, or ``request.csr_pem``.
+
+        Either way the certificate is the same: the CSR the manager would build carries exactly
+        ``requested_names(spec)``, and usages and the CA flag come from the spec. Local signing
+        never waits, so ``timeout_seconds`` is unused."""
         spec = request.spec
+        public_key = request.public_key
+        if public_key is not None:
+            # First, as build_csr would have refused them before the issuer was called.
+            subject, sans = requested_names(spec)
         self._check_policy(request)
         duration = self._duration(spec.duration_seconds)
-        csr = _load_csr(request.csr_pem)
+        if public_key is None:
+            csr = _load_csr(request.csr_pem)
+            subject, sans, public_key = csr.subject, _csr_sans(csr), csr.public_key()
         ca = self._ca.current()
 
         now = _aware(self._clock()).replace(microsecond=0)
@@ -87,8 +102,6 @@ class LocalCAIssuer:
         if spec.is_ca:
             _check_path_length(ca)
 
-        subject = csr.subject
-        sans = _csr_sans(csr)
         if not sans and len(subject) == 0:
             raise InvalidArgument(
                 "the certificate would identify nothing: set common-name, literal-subject or at "
@@ -98,7 +111,6 @@ class LocalCAIssuer:
         if self._leaf_guard is not None:
             self._leaf_guard(subject, sans)
         key_usage, extended = usages_to_extensions(spec.key_usages, is_ca=spec.is_ca)
-        public_key = csr.public_key()
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -112,7 +124,7 @@ class LocalCAIssuer:
                 critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(_authority_key_id(ca), critical=False)
+            .add_extension(self._authority_key_id(ca), critical=False)
         )
         if not key_usage_is_empty(key_usage):
             builder = builder.add_extension(key_usage, critical=True)
@@ -128,12 +140,20 @@ class LocalCAIssuer:
         except (ValueError, TypeError) as exc:
             raise IssuanceFailed(f"the local CA could not sign: {exc}", reason="sign") from exc
 
-        pem = serialization.Encoding.PEM
-        chain = [leaf, *ca.intermediates()]
         return IssuedCertificate(
-            chain_pem=b"".join(c.public_bytes(pem) for c in chain),
+            chain_pem=leaf.public_bytes(serialization.Encoding.PEM) + ca.intermediates_pem,
             ca_pem=self._ca.trust_bundle_pem(),
+            parsed_leaf=leaf,
         )
+
+    def _authority_key_id(self, ca: CertificateAuthority) -> x509.AuthorityKeyIdentifier:
+        """The CA's AKI extension, worked out once per CA object (a rotation makes a new one)."""
+        cached = self._aki
+        if cached is not None and cached[0] is ca:
+            return cached[1]
+        aki = _authority_key_id(ca)
+        self._aki = (ca, aki)  # one tuple, replaced whole: safe without a lock
+        return aki
 
     def ready(self) -> tuple[bool, str]:
         try:

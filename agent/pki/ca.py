@@ -59,14 +59,20 @@ class CertificateAuthority:
         """The top of what we know: the last chain certificate, or the CA itself."""
         return self.chain[-1] if self.chain else self.certificate
 
-    @property
+    # Encoded once per CA (a frozen object; a rotation makes a new one): every issuance uses them.
+    @functools.cached_property
     def cert_pem(self) -> bytes:
         return _pem(self.certificate)
 
-    @property
+    @functools.cached_property
     def trust_pem(self) -> bytes:
         """What relying parties should trust (the root); goes into volumes' ``ca.crt``."""
         return _pem(self.root)
+
+    @functools.cached_property
+    def intermediates_pem(self) -> bytes:
+        """``intermediates()`` as PEM: what follows the leaf in a volume's ``tls.crt``."""
+        return b"".join(_pem(c) for c in self._intermediates)
 
     @property
     def not_after(self) -> dt.datetime:

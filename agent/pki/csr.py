@@ -151,8 +151,10 @@ def build_general_names(spec: CertificateSpec) -> list[x509.GeneralName]:
     return names
 
 
-def build_csr(key: PrivateKey, spec: CertificateSpec) -> bytes:
-    """A PEM CSR signed by ``key`` asking for ``spec``'s subject, SANs, usages and CA flag."""
+def requested_names(spec: CertificateSpec) -> tuple[x509.Name, list[x509.GeneralName]]:
+    """The subject and SANs ``spec`` asks for; INVALID_ARGUMENT when they identify nothing.
+
+    What a CSR for ``spec`` carries, and what the local CA signs when it gets no CSR."""
     subject = build_subject(spec.subject)
     names = build_general_names(spec)
     if not names and len(subject) == 0:
@@ -161,6 +163,12 @@ def build_csr(key: PrivateKey, spec: CertificateSpec) -> bytes:
             "one of dns-names, ip-sans, uri-sans, email-sans, other-names",
             attribute="common-name",
         )
+    return subject, names
+
+
+def build_csr(key: PrivateKey, spec: CertificateSpec) -> bytes:
+    """A PEM CSR signed by ``key`` asking for ``spec``'s subject, SANs, usages and CA flag."""
+    subject, names = requested_names(spec)
     key_usage, extended = usages_to_extensions(spec.key_usages, is_ca=spec.is_ca)
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     if names:

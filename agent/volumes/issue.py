@@ -60,8 +60,11 @@ class Issuing(ManagerCore):
     ) -> None:
         """Issue and publish a volume that has never served a certificate (lock held).
 
-        A ``new`` volume's metadata is saved first, in state ``issuing``, so a crash mid-issue is
-        finished on start.
+        A ``new`` volume's metadata is saved first, in state ``issuing``, so a crash during a
+        slow issue (cert-manager) is finished on start. The agent's own CA signs within this
+        call, so its volumes get no such record: their metadata is written once, complete,
+        after the payload and before the bind (``_commit``), so every bind has a record and a
+        payload without one has no bind (``VolumeStore.remove_unrecorded`` removes it).
         """
         try:
             # A missing bundle or a pod watch we may not run fails before anything is issued.
@@ -76,7 +79,7 @@ class Issuing(ManagerCore):
                         issue_spec, duration_seconds=checked.duration_seconds
                     )
                 spec = checked
-                if new:
+                if new and not spec.issuer.is_local:
                     attempt.step = STORAGE
                     self.store.save(meta)
                     attempt.step = None
@@ -84,6 +87,8 @@ class Issuing(ManagerCore):
                 key = self._select_key(meta, spec, "issue", attempt)
                 issued = self._issue(meta, issue_spec, pod, key, attempt)
                 self._commit(meta, spec, pod, key, issued, attempt, bundle, ips)
+                if new and spec.issuer.is_local:
+                    self.metrics.set_managed_volumes(self.store.count())
         except DeadlineExceeded:
             # The pending request and its key stay, so kubelet's retry picks them up.
             raise
@@ -124,6 +129,7 @@ class Issuing(ManagerCore):
         attempt.step = STORAGE
         pending = self.store.load_pending_key(meta.volume_id)
         if pending is not None:
+            attempt.pending_key = True  # used or not, the commit removes it
             key = load_private_key(pending)
             if key_matches_spec(key, spec.key):
                 return key
@@ -136,9 +142,13 @@ class Issuing(ManagerCore):
         attempt.step = None
         with self.keygen.hold():
             key = generate_private_key(spec.key)
-        attempt.step = STORAGE
-        self.store.save_pending_key(meta.volume_id, encode_private_key(key, spec.key.encoding))
-        attempt.step = None
+        if not spec.issuer.is_local:
+            # Kept for a retry that picks up the issuer's pending request (a timeout, a crash);
+            # the agent's own CA signs within this call, so nothing would ever pick it up.
+            attempt.step = STORAGE
+            self.store.save_pending_key(meta.volume_id, encode_private_key(key, spec.key.encoding))
+            attempt.pending_key = True
+            attempt.step = None
         return key
 
     def _issue(
@@ -151,27 +161,32 @@ class Issuing(ManagerCore):
     ) -> IssuedCertificate:
         operation = attempt.operation
         issuer = self.issuers.for_ref(spec.issuer)
+        # The local CA signs the public key of a key that never left this process: a CSR built
+        # and verified within this call would prove nothing (see IssueRequest.public_key).
+        direct = getattr(issuer, "signs_public_key", False)
         request = IssueRequest(
             volume_id=meta.volume_id,
             node_id=self.node_id,
             pod=pod,
             spec=spec,
-            csr_pem=build_csr(key, spec),
+            csr_pem=b"" if direct else build_csr(key, spec),
             service_account_token=self._tokens.get(meta.volume_id),
+            public_key=key.public_key() if direct else None,
         )
-        log.debug(
-            "requesting certificate",
-            extra={
-                **log_fields(meta, pod),
-                "operation": operation,
-                "issuer": spec.issuer.describe(),
-                "key": f"{spec.key.algorithm} {spec.key.size or ''}".strip(),
-                "dns_names": list(spec.dns_names),
-                "ip_addresses": list(spec.ip_addresses),
-                "uris": list(spec.uris),
-                "duration_seconds": spec.duration_seconds,
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "requesting certificate",
+                extra={
+                    **log_fields(meta, pod),
+                    "operation": operation,
+                    "issuer": spec.issuer.describe(),
+                    "key": f"{spec.key.algorithm} {spec.key.size or ''}".strip(),
+                    "dns_names": list(spec.dns_names),
+                    "ip_addresses": list(spec.ip_addresses),
+                    "uris": list(spec.uris),
+                    "duration_seconds": spec.duration_seconds,
+                },
+            )
         started = time.monotonic()
         try:
             issued = issuer.issue(request, self.issue_timeout_seconds)
@@ -214,19 +229,22 @@ class Issuing(ManagerCore):
             self._ensure_target_dir(meta)
         write_payload(self._payload_dir(meta), files, gid(spec, meta))
         attempt.step = None
-        log.debug(
-            "payload swapped in",
-            extra={
-                "volume_id": meta.volume_id,
-                "files": sorted(files),
-                "serial": issued.serial_hex,
-                "not_after": issued.not_after.isoformat(),
-            },
-        )
-        if meta.mode == "mount":
-            attempt.step = MOUNT
-            self._ensure_mounted(meta)
-            attempt.step = None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "payload swapped in",
+                extra={
+                    "volume_id": meta.volume_id,
+                    "files": sorted(files),
+                    "serial": issued.serial_hex,
+                    "not_after": issued.not_after.isoformat(),
+                },
+            )
+        # A first issue records the volume before binding it, so a kill at any moment leaves
+        # no bind without a record (the next start re-binds a recorded one); a renewal checks
+        # its bind first and records the new certificate last.
+        record_first = attempt.operation == "issue"
+        if not record_first:
+            self._mount_step(meta, attempt)
         not_before = issued.not_before.timestamp()
         not_after = issued.not_after.timestamp()
         meta.state = VolumeState.READY
@@ -252,13 +270,22 @@ class Issuing(ManagerCore):
         meta.issuer_ca_pem = issued.ca_pem.decode() if include_issuer else ""
         attempt.step = STORAGE
         self.store.save(meta)
-        self.store.clear_pending_key(meta.volume_id)
+        if attempt.pending_key:
+            self.store.clear_pending_key(meta.volume_id)
         attempt.step = None
+        if record_first:
+            self._mount_step(meta, attempt)
         self._publish_metrics(meta, pod)
         self.scheduler.schedule(meta.volume_id, meta.next_renewal)
         self.pod_ips.committed(meta.volume_id, spec, pod, pod_ips)
         if self.on_commit is not None:
             self.on_commit()
+
+    def _mount_step(self, meta: VolumeMeta, attempt: Attempt) -> None:
+        if meta.mode == "mount":
+            attempt.step = MOUNT
+            self._ensure_mounted(meta)
+            attempt.step = None
 
     def _report_renew_before_ignored(
         self, meta: VolumeMeta, spec: CertificateSpec, pod: PodInfo, lifetime: float

@@ -107,6 +107,7 @@ class Attempt:
         self.issuer: str | None = None  # set by start(); an attempt never started is not counted
         self.step: str | None = None  # a node-side step in progress: its name is the reason
         self.issuer_seconds = 0.0
+        self.pending_key = False  # a pending.key was read or written: the commit removes it
 
     def start(self, issuer: str) -> None:
         self.issuer = issuer

@@ -55,6 +55,7 @@ class Recovering(ManagerCore):
         with self._locks.hold(volume_id):
             meta = self.store.load(volume_id)
             if meta is None:
+                self.store.remove_unrecorded(volume_id)  # a kill during a local-CA first issue
                 return
             try:
                 target = self.paths.check(meta.target_path)

@@ -210,6 +210,23 @@ class VolumeStore:
                 if self._with_meta is not None and not os.path.lexists(path / META_FILE):
                     self._with_meta.discard(volume_id)
 
+    def remove_unrecorded(self, volume_id: str) -> bool:
+        """Remove a volume directory that has no metadata file; True when one was removed.
+
+        What a kill during a local-CA first issue leaves (a payload, its key, no record): a
+        first issue records the volume before it binds it, so nothing can be mounted from such
+        a directory. Unreadable metadata is not "none": that volume is left alone.
+        """
+        path = self._volume_dir(volume_id)
+        if os.path.lexists(path / META_FILE) or not os.path.lexists(path):
+            return False
+        log.info(
+            "removing the files of a volume that was never recorded (an interrupted issue)",
+            extra={"volume_id": volume_id},
+        )
+        self.remove(volume_id)
+        return True
+
     def save_pending_key(self, volume_id: str, pem: bytes) -> None:
         atomic_write(self._ensure_volume_dir(volume_id), PENDING_KEY_FILE, pem)
 

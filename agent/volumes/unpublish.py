@@ -40,6 +40,8 @@ class Unpublishing(ManagerCore):
             meta = self.store.load(volume_id)
             if meta is None:
                 self._remove_empty_target(volume_id, target)
+                # kubelet's unpublish after a publish cut off by a kill (see remove_unrecorded).
+                self.store.remove_unrecorded(volume_id)
                 return
             published_at = canonical_or_raw(meta.target_path)
             if published_at != str(target):
