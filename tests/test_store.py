@@ -603,3 +603,33 @@ def test_volume_directories_are_private_whatever_the_umask(tmp_path: Path) -> No
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "volumes").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "volumes" / VOLUME_ID).stat().st_mode) == 0o700
+
+
+def test_first_write_into_a_new_directory_makes_the_layout_a_rewrite_makes(
+    tmp_path: Path,
+) -> None:
+    """A payload directory created by this write takes a shorter way (its links made in place,
+    nothing older to clean up); the result must be the same as the careful swap's."""
+
+    def layout(directory: Path) -> list[tuple[str, str | None, int, int, int]]:
+        hidden = current_generation(directory)
+        entries = []
+        for root, dirs, files in os.walk(directory):
+            for name in sorted([*dirs, *files]):
+                path = Path(root) / name
+                st = path.lstat()
+                link = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+                shown = str(path.relative_to(directory)).replace(hidden, "<gen>")
+                shown_link = link.replace(hidden, "<gen>") if link else None
+                mode = 0 if link else stat.S_IMODE(st.st_mode)
+                entries.append((shown, shown_link, mode, st.st_uid, st.st_gid))
+        top = directory.stat()
+        return [*sorted(entries), ("", None, stat.S_IMODE(top.st_mode), top.st_uid, top.st_gid)]
+
+    new = tmp_path / "new"
+    write_payload(new, FILES, 2000)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    write_payload(existing, FILES, 2000)
+    assert layout(new) == layout(existing)
+    assert read_payload_file(new, "tls.key") == FILES["tls.key"]

@@ -293,7 +293,8 @@ class ManagerCore(abc.ABC):
         payload = self.store.payload_dir(meta.volume_id)
         target = self.paths.check(meta.target_path)
         with self.paths.open_target(target, create=True) as handle:
-            if self.mounter.is_bind_of(handle, payload):
+            # A target made just now (kubelet leaves it to the driver) cannot hold a bind yet.
+            if not handle.created and self.mounter.is_bind_of(handle, payload):
                 log.debug("target already tracks its payload", extra={"volume_id": meta.volume_id})
                 return
             log.debug(

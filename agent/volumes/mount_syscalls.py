@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import struct
 from typing import ClassVar
 
 # <sys/mount.h>
@@ -136,6 +137,17 @@ class Libc:
     def umount2(self, target: str, flags: int) -> None:
         self._check(self._umount2(os.fsencode(target), flags))
 
+    def open_tree_fd(self, fd: int, flags: int) -> int:
+        """open_tree(2) of the directory ``fd`` refers to (AT_EMPTY_PATH)."""
+        return self._check(
+            self._syscall(
+                ctypes.c_long(SYS_OPEN_TREE),
+                ctypes.c_int(fd),
+                ctypes.c_char_p(b""),
+                ctypes.c_uint(flags | AT_EMPTY_PATH),
+            )
+        )
+
     def open_tree(self, path: str, flags: int) -> int:
         return self._check(
             self._syscall(
@@ -170,6 +182,46 @@ class Libc:
                 ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH),
             )
         )
+
+
+# statx(2) (glibc's wrapper: its syscall number differs between architectures).
+STATX_MNT_ID = 0x1000
+
+
+_STATX_SIZE = 256
+
+
+_STATX_MNT_ID_OFFSET = 144  # struct statx: stx_mnt_id follows stx_dev_minor
+
+
+class MountIds:
+    """The mount id of a descriptor in one statx(2) call (Linux 5.8+), or None where the kernel
+    or libc cannot say (the caller then reads /proc/self/fdinfo)."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._statx = getattr(lib, "statx", None)
+        if self._statx is not None:
+            self._statx.argtypes = [
+                ctypes.c_int,
+                ctypes.c_char_p,
+                ctypes.c_int,
+                ctypes.c_uint,
+                ctypes.c_void_p,
+            ]
+            self._statx.restype = ctypes.c_int
+
+    def of(self, fd: int) -> int | None:
+        if self._statx is None:
+            return None
+        buf = ctypes.create_string_buffer(_STATX_SIZE)
+        if self._statx(fd, b"", AT_EMPTY_PATH, STATX_MNT_ID, buf) != 0:
+            return None
+        mask: int = struct.unpack_from("=I", buf, 0)[0]
+        if not mask & STATX_MNT_ID:
+            return None
+        mount: int = struct.unpack_from("=Q", buf, _STATX_MNT_ID_OFFSET)[0]
+        return mount
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -17,7 +17,6 @@ from typing import Protocol
 
 from agent.errors import FailedPrecondition, Internal
 from agent.volumes.mount_syscalls import (
-    AT_SYMLINK_NOFOLLOW,
     MNT_DETACH,
     MOUNT_ATTR_NODEV,
     MOUNT_ATTR_NOEXEC,
@@ -154,10 +153,25 @@ class LinuxMounter:
             raise Internal(f"cannot unmount the tmpfs at {real}: {describe_os_error(exc)}") from exc
 
     def bind_readonly(self, source: Path, target: TargetDir) -> None:
-        src = _real(source)
-        if src is None or not os.path.isdir(src):
-            raise Internal(f"cannot bind {source} to {target.raw}: source is not a directory")
-        src_stat = os.stat(src)
+        try:
+            src_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Internal(
+                f"cannot bind {source} to {target.raw}: source is not a directory"
+            ) from exc
+        try:
+            # A directory made this instant has no mount to look at.
+            if not target.created and self._already_bound(source, src_fd, target):
+                return
+            self._bind(source, src_fd, target)
+            target.created = False  # it holds our bind now
+        finally:
+            os.close(src_fd)
+
+    def _already_bound(self, source: Path, src_fd: int, target: TargetDir) -> bool:
+        """True when our read-only bind is there; refuses a foreign mount at the target and
+        removes an older agent's writable bind of the payload."""
+        src_stat = os.fstat(src_fd)
         with target.open() as fd:
             if fd is None:
                 raise Internal(f"cannot bind onto {target.raw}: it does not exist")
@@ -168,37 +182,45 @@ class LinuxMounter:
                         "only its own binds: unmount it before publishing"
                     )
                 if os.fstatvfs(fd).f_flag & os.ST_RDONLY:
-                    return  # already our read-only bind
+                    return True
                 writable = True
             else:
                 writable = False
         if writable:
             # A writable bind of our payload (an older agent's): replace it.
             self.unmount_bind(target, source)
+        return False
+
+    def _bind(self, source: Path, src_fd: int, target: TargetDir) -> None:
         with target.open() as fd:
             if fd is None:
                 raise Internal(f"cannot bind onto {target.raw}: it went away")
             if self._new_api is not False:
                 try:
-                    self._bind_new_api(src, fd)
+                    self._bind_new_api(src_fd, fd)
                     self._new_api = True
                 except OSError as exc:
                     if exc.errno != errno.ENOSYS or self._new_api:
                         raise Internal(
-                            f"cannot bind-mount {src} onto {target.raw}: {describe_os_error(exc)}"
+                            f"cannot bind-mount {source} onto {target.raw}: "
+                            f"{describe_os_error(exc)}"
                         ) from exc
                     log.info("the kernel has no new mount API: binding from a read-only view")
                     self._new_api = False
             if self._new_api is False:
+                src = _real(source)
+                if src is None:
+                    raise Internal(f"cannot bind {source} to {target.raw}: it went away")
                 self._bind_from_readonly_view(src, fd, target.raw)
         with target.open() as fd:
             if fd is None or not os.fstatvfs(fd).f_flag & os.ST_RDONLY:
                 # Never leave a writable view of the payload in the pod.
                 self.unmount_bind(target, source)
-                raise Internal(f"the bind of {src} onto {target.raw} is not read-only")
+                raise Internal(f"the bind of {source} onto {target.raw} is not read-only")
 
-    def _bind_new_api(self, src: str, target_fd: int) -> None:
-        tree = self._libc.open_tree(src, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_SYMLINK_NOFOLLOW)
+    def _bind_new_api(self, src_fd: int, target_fd: int) -> None:
+        # The descriptor the caller opened without following a symlink at the payload's place.
+        tree = self._libc.open_tree_fd(src_fd, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
         try:
             self._libc.mount_setattr(
                 tree, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC

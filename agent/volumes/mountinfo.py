@@ -9,12 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import Internal
+from agent.volumes.mount_syscalls import MountIds
 
 # The logger of agent.volumes.mounter: these steps log as part of it, as before the split.
 log = logging.getLogger("agent.volumes.mounter")
 
 
 MOUNTINFO = "/proc/self/mountinfo"
+
+
+_MOUNT_IDS = MountIds()
+
+
+_USE_STATX: bool | None = None  # decided by the first mount_id() call
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,21 @@ def last_mount_at(mounts: list[MountInfo], mount_point: str) -> MountInfo | None
 
 
 def mount_id(fd: int) -> int:
-    """The id of the mount a descriptor lives on (/proc/self/fdinfo; works for O_PATH)."""
+    """The id of the mount a descriptor lives on (works for O_PATH): statx(2) where the kernel
+    has STATX_MNT_ID, else /proc/self/fdinfo. Both give the same id (not the unique 64-bit one);
+    which one is decided once, so two ids compared always come from the same source."""
+    global _USE_STATX
+    if _USE_STATX is not False:
+        found = _MOUNT_IDS.of(fd)
+        if found is not None:
+            _USE_STATX = True
+            return found
+        if _USE_STATX is None:
+            _USE_STATX = False
+    return _fdinfo_mount_id(fd)
+
+
+def _fdinfo_mount_id(fd: int) -> int:
     with open(f"/proc/self/fdinfo/{fd}") as f:
         for line in f:
             if line.startswith("mnt_id:"):

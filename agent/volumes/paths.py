@@ -61,6 +61,12 @@ def _violation(raw: str, rule: str, why: str) -> InvalidArgument:
 
 def canonical_path(raw: str) -> PurePosixPath:
     """The canonical form of an absolute path, computed without touching the filesystem."""
+    return PurePosixPath(_joined(_canonical_parts(raw)))
+
+
+def _canonical_parts(raw: str) -> list[str]:
+    """The components of ``raw``'s canonical form, or the violation (plain strings: the policy
+    runs on every request, and pathlib's parsing was a sixth of a publish's own time)."""
     if not raw:
         raise InvalidArgument("target_path is required [rule required]", "target_path")
     if "\x00" in raw:
@@ -79,11 +85,20 @@ def canonical_path(raw: str) -> PurePosixPath:
             raise _violation(
                 raw, "name-max", f"has a component longer than NAME_MAX ({NAME_MAX} bytes)"
             )
-    return PurePosixPath("/" + "/".join(parts))
+    return parts
 
 
-def _overlaps(a: PurePosixPath, b: PurePosixPath) -> bool:
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+def _joined(parts: list[str] | tuple[str, ...]) -> str:
+    return "/" + "/".join(parts)
+
+
+def _below(path: str, root: str) -> bool:
+    """Whether canonical ``path`` lies strictly below canonical ``root``."""
+    return path != root and path.startswith(root if root == "/" else root + "/")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or _below(a, b) or _below(b, a)
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,9 @@ class TargetPolicy:
     # Spellings of the two roots: as configured and with symlinks resolved (computed once).
     _roots: tuple[PurePosixPath, ...] = field(init=False, repr=False, compare=False)
     _data_roots: tuple[PurePosixPath, ...] = field(init=False, repr=False, compare=False)
+    # The same as strings, with the kubelet roots' component counts, for the checks.
+    _root_strs: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
+    _data_root_strs: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def spellings(path: Path) -> tuple[PurePosixPath, ...]:
@@ -105,6 +123,10 @@ class TargetPolicy:
 
         object.__setattr__(self, "_roots", spellings(self.kubelet_root))
         object.__setattr__(self, "_data_roots", spellings(self.data_root))
+        object.__setattr__(
+            self, "_root_strs", tuple((str(r), len(r.parts) - 1) for r in self._roots)
+        )
+        object.__setattr__(self, "_data_root_strs", tuple(str(r) for r in self._data_roots))
 
     @property
     def shape(self) -> str:
@@ -114,14 +136,15 @@ class TargetPolicy:
 
     def check(self, raw: str) -> PurePosixPath:
         """The canonical target, or INVALID_ARGUMENT naming the rule it breaks (pure)."""
-        target = canonical_path(raw)
-        relative = self._relative(target)
+        target_parts = _canonical_parts(raw)
+        target = _joined(target_parts)
+        relative = self._relative(target, target_parts)
         if relative is None:
             raise _violation(
                 raw, "under-kubelet-root", f"must lie below the kubelet root {self._roots[0]}"
             )
         if not self.relaxed_shape:
-            parts = relative.parts
+            parts = relative
             if not (
                 len(parts) == 6
                 and parts[0] == "pods"
@@ -130,23 +153,27 @@ class TargetPolicy:
                 and parts[5] == "mount"
             ):
                 raise _violation(raw, "kubelet-shape", f"must be {self.shape}")
-        resolved = [root / relative for root in self._roots]
-        for data_root in self._data_roots:
+        below = "/".join(relative)
+        resolved = [(root if root == "/" else root + "/") + below for root, _ in self._root_strs]
+        for data_root in self._data_root_strs:
             if any(_overlaps(path, data_root) for path in (target, *resolved)):
                 raise _violation(
                     raw, "not-data-root", f"overlaps the agent's data root {self._data_roots[0]}"
                 )
-        return target
+        return PurePosixPath(target)
 
-    def _relative(self, target: PurePosixPath) -> PurePosixPath | None:
-        for root in self._roots:
-            if target != root and target.is_relative_to(root):
-                return target.relative_to(root)
+    def _relative(self, target: str, parts: list[str]) -> tuple[str, ...] | None:
+        """The components of canonical ``target`` below the first kubelet root holding it."""
+        for root, depth in self._root_strs:
+            if _below(target, root):
+                return tuple(parts[depth:])
         return None
 
-    def relative(self, target: PurePosixPath) -> PurePosixPath:
-        relative = self._relative(target)
-        if relative is None:  # check() ran first; this is a programming error
+    def relative(self, target: PurePosixPath) -> tuple[str, ...]:
+        """The components of a checked target below the kubelet root."""
+        raw = str(target)
+        relative = self._relative(raw, raw.split("/")[1:])
+        if not relative:  # check() ran first; this is a programming error
             raise Internal(f"{target} is not below the kubelet root")
         return relative
 
@@ -166,11 +193,11 @@ class TargetPolicy:
                 raw, "parent-exists", f"cannot be reached: kubelet root: {exc.strerror}"
             ) from exc
         try:
-            for part in relative.parts[:-1]:
+            for part in relative[:-1]:
                 child = _open_child(fd, part, raw)
                 os.close(fd)
                 fd = child
-            handle = TargetDir(fd, relative.parts[-1], raw)
+            handle = TargetDir(fd, relative[-1], raw)
             if create:
                 handle.create()
             yield handle
@@ -209,6 +236,8 @@ class TargetDir:
     parent_fd: int
     name: str
     raw: str
+    # True when create() made the directory just now: nothing can be mounted on it yet.
+    created: bool = False
 
     @property
     def proc_path(self) -> str:
@@ -249,11 +278,12 @@ class TargetDir:
         try:
             os.mkdir(self.name, TARGET_DIR_MODE, dir_fd=self.parent_fd)
         except FileExistsError:
-            pass
+            with self.open():  # refuses a symlink or a file that was already there
+                pass
         except OSError as exc:
             raise Internal(f"cannot create target directory {self.raw}: {exc.strerror}") from exc
-        with self.open():  # refuses a symlink or a file that was already there
-            pass
+        else:
+            self.created = True
 
     def remove_if_empty(self) -> bool:
         """rmdir the target if it is an empty directory (never a symlink, never recursive)."""

@@ -75,11 +75,19 @@ def _ownership(gid: int | None) -> tuple[int, int]:
     return uid, gid
 
 
-def _open_payload_root(directory: Path, uid: int, gid: int) -> int:
-    """Create ``directory`` if missing and open it without following a symlink at its place."""
-    os.makedirs(directory.parent, mode=PRIVATE_DIR_MODE, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
+def _open_payload_root(directory: Path, uid: int, gid: int) -> tuple[int, bool]:
+    """Create ``directory`` if missing and open it without following a symlink at its place;
+    also says whether it was created just now (empty, and nobody has seen it yet)."""
+    try:
         os.mkdir(directory, DIR_MODE)
+        created = True
+    except FileExistsError:
+        created = False
+    except FileNotFoundError:
+        os.makedirs(directory.parent, mode=PRIVATE_DIR_MODE, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, DIR_MODE)
+        created = False  # made by a race we cannot rule out: take the careful path
     try:
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -99,7 +107,7 @@ def _open_payload_root(directory: Path, uid: int, gid: int) -> int:
     except BaseException:
         os.close(dfd)
         raise
-    return dfd
+    return dfd, created
 
 
 def _lstat_at(dfd: int, name: str) -> os.stat_result | None:
@@ -179,10 +187,15 @@ def write_payload(directory: Path, files: Mapping[str, bytes], gid: int | None) 
             raise InvalidArgument(f"payload file {name!r} content must be bytes")
     uid, group = _ownership(gid)
     try:
-        dfd = _open_payload_root(Path(directory), uid, group)
+        dfd, created = _open_payload_root(Path(directory), uid, group)
     except OSError as exc:
         raise Internal(f"cannot prepare payload directory {directory}: {exc.strerror}") from exc
+    done = False
     try:
+        if created:
+            _first_generation(dfd, files, uid, group)
+            done = True
+            return
         hidden = _write_generation(dfd, files, uid, group)
         # Kept one more round: a reader that resolved ..data just before the swap still finds
         # every file of the generation it started on.
@@ -207,12 +220,30 @@ def write_payload(directory: Path, files: Mapping[str, bytes], gid: int | None) 
                     os.unlink(entry, dir_fd=dfd)
         os.fchmod(dfd, DIR_MODE)
         os.fsync(dfd)
+        done = True
     except OSError as exc:
         raise Internal(f"cannot write payload into {directory}: {exc.strerror}") from exc
     finally:
-        with contextlib.suppress(OSError):
-            os.fchmod(dfd, DIR_MODE)
+        if not done:  # back to read-only whatever failed
+            with contextlib.suppress(OSError):
+                os.fchmod(dfd, DIR_MODE)
         os.close(dfd)
+
+
+def _first_generation(dfd: int, files: Mapping[str, bytes], uid: int, gid: int) -> None:
+    """The first payload of a directory created this instant: the same layout, made directly.
+
+    Nobody can have resolved ``..data`` in a directory that did not exist a moment ago (the
+    bind comes after), so the links are made in place, without the temporary link renamed
+    over an old one, and there is no older generation to clean up. A failure here leaves a
+    partial directory that the next write_payload replaces the careful way.
+    """
+    hidden = _write_generation(dfd, files, uid, gid)
+    os.symlink(hidden, DATA_LINK, dir_fd=dfd)
+    for name in files:
+        os.symlink(f"{DATA_LINK}/{name}", name, dir_fd=dfd)
+    os.fchmod(dfd, DIR_MODE)
+    os.fsync(dfd)
 
 
 def _current_generation(dfd: int) -> str | None:
