@@ -121,12 +121,23 @@ class AgentBase(abc.ABC):
         return (True, "") if self._serving else (False, "starting")
 
     def ready(self) -> tuple[bool, str]:
+        """/readyz: serving, the CSI socket still ours and accepting, the issuers ready."""
+        return self._ready(connect=True)
+
+    def probe_ready(self) -> tuple[bool, str]:
+        """The CSI Probe: as ``ready`` without connecting to the socket, because the Probe
+        itself came over it (the connect was a fifth of every Probe's time)."""
+        return self._ready(connect=False)
+
+    def _ready(self, *, connect: bool) -> tuple[bool, str]:
         if not self._serving:
             return False, "starting"
         if self._stopped.is_set():
             return False, "stopping"
         if self._socket_inode is not None:
-            problem = endpoint.serving_problem(self.config.socket_path, self._socket_inode)
+            problem = endpoint.serving_problem(
+                self.config.socket_path, self._socket_inode, connect=connect
+            )
             if problem is not None:
                 return False, problem
         return self.issuers.ready()

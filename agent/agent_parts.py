@@ -153,7 +153,9 @@ class AgentParts(AgentBase):
         add_csi_servicers(
             server,
             {
-                "Identity": IdentityServicer(self.config.driver_name, self.metrics, self.ready),
+                "Identity": IdentityServicer(
+                    self.config.driver_name, self.metrics, self.probe_ready
+                ),
                 "Node": NodeServicer(self.manager, self.config.node_id, self.metrics, slots),
             },
         )

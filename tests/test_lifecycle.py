@@ -193,6 +193,29 @@ def test_readyz_fails_once_the_csi_socket_is_removed(agent: RunningAgent) -> Non
     assert http_get(agent.metrics_url + "/healthz")[0] == 200  # alive, not ready
 
 
+def test_probe_over_a_live_connection_still_sees_the_socket_file_go(agent: RunningAgent) -> None:
+    """The CSI Probe skips the connect /readyz makes (the Probe came over the socket), but the
+    socket file removed or replaced under a connection kubelet still holds is still reported."""
+    from agent.csi import csi_pb2
+
+    identity = agent.client.identity
+    assert identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value is True
+    path = agent.config.socket_path
+    path.unlink()
+    with pytest.raises(grpc.RpcError) as removed:
+        identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
+    assert removed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "was removed" in (removed.value.details() or "")
+    impostor = socket.socket(socket.AF_UNIX)
+    impostor.bind(str(path))
+    try:
+        with pytest.raises(grpc.RpcError) as replaced:
+            identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
+    finally:
+        impostor.close()
+    assert "was replaced by another file" in (replaced.value.details() or "")
+
+
 def test_readyz_fails_when_another_file_takes_the_sockets_place(agent: RunningAgent) -> None:
     path = agent.config.socket_path
     path.unlink()

@@ -62,11 +62,12 @@ def inode(path: Path) -> int:
     return os.stat(path).st_ino
 
 
-def serving_problem(path: Path, expected_inode: int) -> str | None:
+def serving_problem(path: Path, expected_inode: int, *, connect: bool = True) -> str | None:
     """Why ``path`` no longer reaches this agent's gRPC server, or None when it does.
 
     The inode tells our socket from a file someone put in its place; the connect tells that the
-    listening socket still accepts (kubelet and the registrar connect exactly like this).
+    listening socket still accepts (kubelet and the registrar connect exactly like this). A
+    caller answering a request that came over the socket passes ``connect=False``.
     """
     try:
         info = os.stat(path)
@@ -76,7 +77,7 @@ def serving_problem(path: Path, expected_inode: int) -> str | None:
         return f"cannot stat the CSI socket {path}: {exc.strerror or exc}"
     if not stat.S_ISSOCK(info.st_mode) or info.st_ino != expected_inode:
         return f"the CSI socket {path} was replaced by another file; restart the agent"
-    error = _connect(path)
+    error = _connect(path) if connect else None
     if error is not None:
         return f"the CSI socket {path} does not accept connections: {error.strerror or error}"
     return None
