@@ -83,11 +83,13 @@ def _open_payload_root(directory: Path, uid: int, gid: int) -> tuple[int, bool]:
         created = True
     except FileExistsError:
         created = False
-    except FileNotFoundError:
+    except FileNotFoundError:  # a new volume's directory too
         os.makedirs(directory.parent, mode=PRIVATE_DIR_MODE, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(directory, DIR_MODE)
-        created = False  # made by a race we cannot rule out: take the careful path
+            created = True
+        except FileExistsError:
+            created = False
     try:
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
