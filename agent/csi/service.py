@@ -57,15 +57,16 @@ def rpc(
         def wrapper(self: Any, request: Request, context: grpc.ServicerContext) -> Response:
             started = time.monotonic()
             code = "OK"
-            log.debug(
-                "%s called",
-                method,
-                extra={
-                    "method": method,
-                    "volume_id": _shown_field(request, "volume_id"),
-                    "target_path": _shown_field(request, "target_path"),
-                },
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s called",
+                    method,
+                    extra={
+                        "method": method,
+                        "volume_id": _shown_field(request, "volume_id"),
+                        "target_path": _shown_field(request, "target_path"),
+                    },
+                )
             try:
                 if isinstance(request, UndecodableRequest):
                     raise InvalidArgument(

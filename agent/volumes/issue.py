@@ -127,6 +127,7 @@ class Issuing(ManagerCore):
     ) -> PrivateKey:
         """A pending key (a retry of an unfinished request), the current key, or a new one."""
         attempt.step = STORAGE
+        # A local-CA volume never has one (see below), unless an older agent left it.
         pending = self.store.load_pending_key(meta.volume_id)
         if pending is not None:
             attempt.pending_key = True  # used or not, the commit removes it

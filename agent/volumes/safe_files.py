@@ -42,12 +42,12 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def read_nofollow(path: Path) -> bytes:
+def read_nofollow(path: str | Path) -> bytes:
     with open_nofollow(path, os.O_RDONLY | os.O_NOFOLLOW) as fd:
         return read_all(fd)
 
 
-def atomic_write(directory: Path, name: str, data: bytes) -> None:
+def atomic_write(directory: str | Path, name: str, data: bytes) -> None:
     """Write ``directory/name`` (0600) via a temporary file in the same directory and rename."""
     tmp = f".{name}.{secrets.token_hex(8)}.tmp"
     try:
@@ -65,10 +65,10 @@ def atomic_write(directory: Path, name: str, data: bytes) -> None:
                 raise
             os.fsync(dfd)
     except OSError as exc:
-        raise Internal(f"cannot write {directory / name}: {exc.strerror}") from exc
+        raise Internal(f"cannot write {os.path.join(directory, name)}: {exc.strerror}") from exc
 
 
-def rmtree(path: Path) -> None:
+def rmtree(path: str | Path) -> None:
     """Remove a tree that may contain 0550 directories, without following symlinks."""
     try:
         st = os.lstat(path)

@@ -110,6 +110,9 @@ def validate_volume_id(volume_id: str) -> None:
     """Refuse ids that could not safely be a directory name."""
     if not isinstance(volume_id, str) or not volume_id:
         raise InvalidArgument("volume_id is required", "volume_id")
+    ok = len(volume_id) <= _MAX_VOLUME_ID and volume_id not in (".", "..")
+    if ok and _VOLUME_ID_RE.fullmatch(volume_id):
+        return  # the common case, checked several times per publish: no message built
     shown = repr(volume_id[:_MAX_VOLUME_ID]) + ("..." if len(volume_id) > _MAX_VOLUME_ID else "")
     if len(volume_id) > _MAX_VOLUME_ID:
         raise InvalidArgument(
