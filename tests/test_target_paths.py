@@ -375,3 +375,49 @@ def test_the_test_session_runs_in_a_private_mount_namespace() -> None:
     assert os.readlink("/proc/self/ns/mnt") != os.readlink(f"/proc/{os.getppid()}/ns/mnt")
     for m in read_mountinfo():
         assert not any(f.startswith(("shared:", "master:")) for f in m.optional_fields), m
+
+
+def _walk_outcome(policy: TargetPolicy, raw: str) -> tuple[str, int]:
+    """("ok", inode of the target's parent) or (the rule, 0)."""
+    try:
+        with policy.open_target(policy.check(raw), create=False) as handle:
+            return "ok", os.fstat(handle.parent_fd).st_ino
+    except InvalidArgument as exc:
+        return exc.message.rsplit("[rule ", 1)[1].rstrip("]"), 0
+
+
+def test_openat2_and_the_walk_by_hand_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) reaches the target's parent where the
+    kernel has it; the walk by hand runs otherwise and names the rule. Both must decide alike."""
+    from agent.volumes import paths
+
+    kubelet = tmp_path / "kubelet"
+    good = kubelet_target(kubelet, "good")
+    good.parent.mkdir(parents=True)
+    linked = kubelet_target(kubelet, "linked")
+    (kubelet / "pods" / "linked").symlink_to(kubelet / "pods" / "good")
+    deep_link = kubelet_target(kubelet, "deep")
+    (kubelet / "pods" / "deep" / "volumes").mkdir(parents=True)
+    (kubelet / "pods" / "deep" / "volumes" / "kubernetes.io~csi").symlink_to(tmp_path)
+    not_dir = kubelet_target(kubelet, "file")
+    (kubelet / "pods" / "file").mkdir(parents=True)
+    (kubelet / "pods" / "file" / "volumes").write_text("")
+    missing = kubelet_target(kubelet, "missing")
+    policy = TargetPolicy(kubelet, tmp_path / "data")
+    cases = [good, linked, deep_link, not_dir, missing]
+
+    by_openat2 = [_walk_outcome(policy, str(t)) for t in cases]
+    assert paths._OPENAT2 is True  # this kernel has it: the fast way was taken
+    monkeypatch.setattr(paths, "_OPENAT2", False)
+    by_hand = [_walk_outcome(policy, str(t)) for t in cases]
+    assert by_openat2 == by_hand
+    assert [rule for rule, _ in by_hand] == [
+        "ok",
+        "no-symlinks",
+        "no-symlinks",
+        "directories-only",
+        "parent-exists",
+    ]
+    assert by_hand[0][1] == good.parent.stat().st_ino
