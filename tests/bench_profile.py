@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.csi import csi_pb2
-from tests.conftest import RunningAgent, unmount_below
+from tests.bench_floors import Floors, GrpcFloor, floors, grpc_floor
+from tests.conftest import IS_ROOT, RunningAgent, unmount_below
 
 ATTRIBUTES = {
     "csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local",
@@ -35,6 +36,8 @@ class ProfileResults:
     rows: list[tuple[str, int, float, float]]  # function, calls per publish, tottime ms, cumtime ms
     total_profiled_ms: float  # per publish, with the profiler's own overhead
     empty_rpc_ms: float = 0.0  # median Probe round trip: gRPC and the socket, no work
+    floors: Floors | None = None  # crypto, files and mount syscalls alone (bench_floors)
+    grpc: GrpcFloor | None = None  # an empty RPC between two processes, and its CPU split
 
 
 def _median(values: list[float]) -> float:
@@ -94,6 +97,9 @@ def bench_profile(tmp: Path, publishes: int, warmup: int = 20, top: int = 25) ->
             started = time.perf_counter()
             running.client.identity.Probe(csi_pb2.ProbeRequest(), timeout=10)
             probes.append(time.perf_counter() - started)
+        ca = running.agent.ca_provider.current()
+        floor = floors(ca, tmp, publishes, mount=IS_ROOT)
+        rpc_floor = grpc_floor(tmp, max(publishes, 500))
         profiling["on"] = True
         for i in range(publishes):
             pod = running.pod(f"profiled-{i}")
@@ -119,6 +125,8 @@ def bench_profile(tmp: Path, publishes: int, warmup: int = 20, top: int = 25) ->
         ],
         total_profiled_ms=total * 1000 / publishes,
         empty_rpc_ms=_median(probes) * 1000,
+        floors=floor,
+        grpc=rpc_floor,
     )
 
 
@@ -138,16 +146,70 @@ def render_profile(add: Callable[[str], None], results: ProfileResults) -> None:
     )
     add(
         f"on, the handler's functions add up to {results.total_profiled_ms:.2f} ms per publish "
-        "(the profiler's own cost included);"
+        "(the profiler's own cost included)."
     )
-    add(
-        f"An empty RPC (`Probe`) over the same socket takes {results.empty_rpc_ms:.2f} ms: "
-        "the gRPC floor under any publish."
-    )
+    add(f"An empty RPC (`Probe`) to the same in-process agent takes {results.empty_rpc_ms:.2f} ms.")
+    add("")
+    _render_floors(add, results)
     add("The top by own time (*tottime*), per publish:")
     add("")
     add("| function | calls per publish | own ms | cumulative ms |")
     add("|---|---|---|---|")
     for name, calls, tottime, cumtime in results.rows:
         add(f"| `{name}` | {calls} | {tottime:.3f} | {cumtime:.3f} |")
+    add("")
+
+
+def python_ms(results: ProfileResults) -> float | None:
+    """The handler's time beyond its crypto, file and mount floors: the agent's own Python."""
+    f = results.floors
+    if f is None:
+        return None
+    return results.handler_ms - f.crypto_ms - f.files_ms - f.bind_ms
+
+
+def _render_floors(add: Callable[[str], None], results: ProfileResults) -> None:
+    f, g = results.floors, results.grpc
+    if f is None or g is None:
+        return
+    rest = python_ms(results)
+    add("Where a publish's time goes (medians of this run; the floors are measured in Python")
+    add("alone, side by side with the publishes, by `tests/bench_floors.py`):")
+    add("")
+    add("| part | ms |")
+    add("|---|---|")
+    add(f"| publish, client side (in-process agent) | {results.client_ms:.2f} |")
+    add(
+        "| gRPC floor: an empty RPC between two processes, sync server on a thread pool "
+        f"(as the agent serves) | {g.sync_ms:.2f} |"
+    )
+    add(f"| the same against a `grpc.aio` server answering inline | {g.aio_ms:.2f} |")
+    add(
+        f"| CPU per empty RPC: the Python client / the server process | {g.client_cpu_ms:.2f} / "
+        f"{g.server_cpu_ms:.2f} |"
+    )
+    add(f"| the agent's handler, `VolumeManager.publish` | {results.handler_ms:.2f} |")
+    add(
+        "| in it, crypto floor: ECDSA key, certificate signed by the CA, both PEM "
+        f"(no CSR, as the local CA now signs) | {f.crypto_ms:.2f} |"
+    )
+    add(
+        "| in it, file floor: payload (3 files, fsync, 4 links) and metadata (write, fsync, "
+        f"rename) with bare `os` calls | {f.files_ms:.2f} |"
+    )
+    mount = (
+        f"{f.bind_ms:.2f} (its unmount {f.unmount_ms:.2f})" if f.bind_ms else "- (no mount here)"
+    )
+    add(
+        "| in it, mount floor: one read-only bind (open_tree, mount_setattr, move_mount) "
+        f"| {mount} |"
+    )
+    if rest is not None:
+        add(
+            f"| in it, the rest: the agent's own Python (handler - the three floors) | {rest:.2f} |"
+        )
+    add(
+        "| beyond the handler: gRPC, the socket, the CSI checks, in one interpreter with the "
+        f"client | {results.client_ms - results.handler_ms:.2f} |"
+    )
     add("")

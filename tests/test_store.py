@@ -605,6 +605,22 @@ def test_volume_directories_are_private_whatever_the_umask(tmp_path: Path) -> No
     assert stat.S_IMODE((tmp_path / "volumes" / VOLUME_ID).stat().st_mode) == 0o700
 
 
+def test_a_payload_written_first_makes_private_volume_directories_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    """A local-CA volume's first write is its payload, before any metadata (see
+    Issuing._first_issue): the directories it makes are 0700 as the store's are."""
+    store = VolumeStore(tmp_path)
+    old = os.umask(0o177)
+    try:
+        write_payload(store.payload_dir(VOLUME_ID), FILES, None)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "volumes").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "volumes" / VOLUME_ID).stat().st_mode) == 0o700
+    assert read_payload_file(store.payload_dir(VOLUME_ID), "tls.key") == FILES["tls.key"]
+
+
 def test_first_write_into_a_new_directory_makes_the_layout_a_rewrite_makes(
     tmp_path: Path,
 ) -> None:

@@ -75,6 +75,20 @@ def _ownership(gid: int | None) -> tuple[int, int]:
     return uid, gid
 
 
+def _make_private_dirs(path: Path) -> None:
+    """``os.makedirs`` with 0700 whatever the umask (process-wide: another thread may have
+    narrowed it for a moment), as the store makes its volume directories."""
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        _make_private_dirs(path.parent)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, PRIVATE_DIR_MODE)
+    os.chmod(path, PRIVATE_DIR_MODE)
+
+
 def _open_payload_root(directory: Path, uid: int, gid: int) -> tuple[int, bool]:
     """Create ``directory`` if missing and open it without following a symlink at its place;
     also says whether it was created just now (empty, and nobody has seen it yet)."""
@@ -84,7 +98,7 @@ def _open_payload_root(directory: Path, uid: int, gid: int) -> tuple[int, bool]:
     except FileExistsError:
         created = False
     except FileNotFoundError:  # a new volume's directory too
-        os.makedirs(directory.parent, mode=PRIVATE_DIR_MODE, exist_ok=True)
+        _make_private_dirs(directory.parent)
         try:
             os.mkdir(directory, DIR_MODE)
             created = True
