@@ -681,8 +681,9 @@ def render(
     add("*Agent*: one `NodePublishVolume` call from a gRPC client over the agent's UNIX socket")
     add("(agent in the same process, its own gRPC server threads), a new pod each time, local CA")
     add("issuer (the self-signed ECDSA P-256 CA of `--standalone`). It covers attribute parsing,")
-    add("key generation, CSR, CSR verification, signing, payload files, the mount, metadata and")
-    add("the log line. *Raw*: the same key type generated with `cryptography`, a CSR signed by it,")
+    add("key generation, signing (the local CA signs the public key: no CSR), payload files, the")
+    add("mount, metadata and the log line. *Raw*: the same key type generated with")
+    add("`cryptography`, a CSR signed by it,")
     add(
         "a certificate signed by the same CA key, both encoded to PEM; nothing else. Each volume is"
     )
@@ -706,7 +707,7 @@ def render(
     add("## 2. One renewal against the raw cryptography")
     add("")
     add("*Agent*: `VolumeManager.renew(volume_id)` called directly on a published volume (what")
-    add("the scheduler's worker runs): new key, CSR, local signature, new payload generation")
+    add("the scheduler's worker runs): new key, local signature, new payload generation")
     add("swapped in, mount checked, metadata saved, next renewal scheduled. *Raw*: as above.")
     add("")
     add("| key | side | median ms | p10 ms | p90 ms | n |")
@@ -880,7 +881,7 @@ def _interpretation(latency: LatencyResults, fleet: FleetResults) -> str:
         )
     rsa = Stats.of(latency.publish["RSA 2048"].raw)
     lines.append(
-        "  The agent's own work (gRPC, attribute parsing, CSR check, payload files, mounts, "
+        "  The agent's own work (gRPC, attribute parsing, payload files, mounts, "
         "metadata, log line) costs about the same whatever the key, so with ECDSA, whose "
         "crypto is cheap, that overhead is most of the time, and with RSA, whose key "
         "generation dominates, the agent stays close to the crypto floor. RSA key generation "
