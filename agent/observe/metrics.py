@@ -11,6 +11,7 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -86,6 +87,10 @@ class AgentMetrics:
         self._lock = threading.Lock()
         self._volume_labels: dict[str, tuple[str, str, str, str]] = {}
         self._issuers_seen: set[str] = set()
+        # Children of the per-call series, looked up once: labels() validates and locks on
+        # every call, several times per publish. These series are never removed.
+        self._grpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._issue_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
         self.build_info = Gauge(
             "cert_agent_build_info", "The agent's version (always 1).", ["version"], registry=r
@@ -299,22 +304,32 @@ class AgentMetrics:
 
     # -------------------------------------------------------------------------- issuance
 
+    def _issue_series(self, issuer: str, operation: str) -> tuple[Any, Any]:
+        """(attempts, duration) children of ``issuer`` and ``operation``."""
+        children = self._issue_children.get((issuer, operation))
+        if children is None:
+            _check_operation(operation)
+            self._init_issuer(issuer)
+            children = (
+                self.issue_attempts.labels(issuer, operation),
+                self.issue_duration.labels(issuer, operation),
+            )
+            self._issue_children[(issuer, operation)] = children
+        return children
+
     def issue_started(self, issuer: str, operation: str) -> None:
-        _check_operation(operation)
-        self._init_issuer(issuer)
-        self.issue_attempts.labels(issuer, operation).inc()
+        self._issue_series(issuer, operation)[0].inc()
 
     def issue_finished(
         self, issuer: str, operation: str, seconds: float, failure_reason: str | None
     ) -> None:
         """Record a finished attempt; ``failure_reason`` is None on success (else a short code)."""
-        _check_operation(operation)
-        self._init_issuer(issuer)
+        duration = self._issue_series(issuer, operation)[1]
         # Failures first: a scrape in between must never look like a success (the
         # "renewals failing" alert counts successes as finished attempts minus failures).
         if failure_reason is not None:
             self.issue_failures.labels(issuer, operation, failure_reason).inc()
-        self.issue_duration.labels(issuer, operation).observe(seconds)
+        duration.observe(seconds)
 
     # -------------------------------------------------------------------------- gRPC and CA
 
@@ -323,8 +338,12 @@ class AgentMetrics:
         self.renew_before_ignored.labels(issuer).inc()
 
     def observe_grpc(self, method: str, code: str, seconds: float) -> None:
-        self.grpc_requests.labels(method, code).inc()
-        self.grpc_duration.labels(method).observe(seconds)
+        children = self._grpc_children.get((method, code))
+        if children is None:
+            children = (self.grpc_requests.labels(method, code), self.grpc_duration.labels(method))
+            self._grpc_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch_tmpfs(self, free_space: Callable[[], tuple[int, int]]) -> None:
         """Report ``free_space()`` ((free, size) in bytes) at every scrape."""
