@@ -21,6 +21,7 @@ from agent.volumes.mounter import (
     parse_mountinfo,
     read_mountinfo,
 )
+from agent.volumes.mountinfo import top_mount_at
 from agent.volumes.paths import TargetDir, TargetPolicy
 from agent.volumes.store import write_payload
 
@@ -342,3 +343,43 @@ class TestLinuxMounter:
             assert (target / "tls.crt").read_bytes() == b"c"
             m.unmount_bind(handle, payload)
             assert not m.is_mountpoint(handle)
+
+    def test_top_mount_at_agrees_with_the_mount_table(
+        self, tmp_path: Path, mounts: list[Path]
+    ) -> None:
+        # The tmpfs checks at start-up look at two descriptors instead of parsing the whole
+        # mount table (thousands of lines with thousands of binds): the table is the oracle.
+        def oracle(path: Path) -> tuple[int, bool, bool] | None:
+            entries = _entries_at(path)
+            if not entries:
+                return None
+            top = entries[-1]
+            return top.mount_id, top.fs_type == "tmpfs", top.readonly
+
+        def seen(path: Path) -> tuple[int, bool, bool] | None:
+            top = top_mount_at(os.path.realpath(path))
+            return None if top is None else (top.mount_id, top.is_tmpfs, top.readonly)
+
+        tmpfs, bound, stacked = tmp_path / "tmpfs", tmp_path / "bound", tmp_path / "stacked"
+        plain = tmpfs / "plain"  # a directory on a tmpfs, with nothing mounted at it
+        mounts.extend([tmpfs, bound, stacked])
+        for path in (tmpfs, bound, stacked):
+            path.mkdir()
+        _mount("-t", "tmpfs", "-o", "size=64k", "t", str(tmpfs))
+        plain.mkdir()
+        _mount("--bind", "-o", "ro", str(tmp_path / "bound"), str(bound))
+        _mount("--bind", str(tmpfs), str(stacked))
+        _mount("-t", "tmpfs", "-o", "size=64k,ro", "s", str(stacked))
+        cases = [tmpfs, plain, bound, stacked, tmp_path, tmp_path / "missing", Path("/")]
+        answers = {path: seen(path) for path in cases}
+        assert answers == {path: oracle(path) for path in cases}
+        assert answers[tmpfs] is not None
+        assert answers[tmpfs][1:] == (True, False)
+        assert answers[plain] is None and answers[tmp_path / "missing"] is None
+        assert answers[bound] is not None
+        assert answers[bound][1] is False
+        assert answers[stacked] is not None
+        assert answers[stacked][1:] == (True, True)
+        m = LinuxMounter()
+        assert m.is_tmpfs(tmpfs) and m.is_tmpfs(stacked)
+        assert not m.is_tmpfs(plain) and not m.is_tmpfs(bound)

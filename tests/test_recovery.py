@@ -10,9 +10,10 @@ import grpc
 import pytest
 
 from agent.csi import csi_pb2
+from agent.volumes import mountinfo
 from agent.volumes.manager import VolumeManager
 from agent.volumes.recovery import RecoveryQueue
-from tests.conftest import RunningAgent
+from tests.conftest import IS_ROOT, RunningAgent, unmount_below
 
 ATTRIBUTES = {"csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local"}
 
@@ -137,3 +138,31 @@ def test_stop_leaves_the_rest_queued() -> None:
     queue.load(["a", "b"])
     assert queue.run() == 1
     assert queue.pending() == 1
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to mount")
+def test_a_start_with_binds_in_place_never_parses_the_mount_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With thousands of binds, /proc/self/mountinfo has thousands of lines: parsing it to find
+    # the payload tmpfs cost a restart with 5,000 volumes half a second before the socket served.
+    first = RunningAgent(tmp_path)
+    pods = [first.pod(f"web-{i}") for i in range(2)]
+    for pod in pods:
+        first.publish(pod, ATTRIBUTES)
+    first.stop()
+    subprocess.run(["umount", str(pods[0].target)], check=True)
+
+    def refuse(text: str) -> list[object]:
+        raise AssertionError("the whole mount table was parsed")
+
+    monkeypatch.setattr(mountinfo, "parse_mountinfo", refuse)
+    second = RunningAgent(tmp_path)
+    try:
+        assert second.agent.mounter.is_tmpfs(tmp_path / "data" / "volumes")
+        assert all(is_mountpoint(pod.target) for pod in pods)
+        assert second.agent.manager.recovery.recovered == 2
+    finally:
+        second.stop()
+        monkeypatch.undo()
+        unmount_below(tmp_path)

@@ -222,6 +222,30 @@ class MountIds:
             return None
         mount: int = struct.unpack_from("=Q", buf, _STATX_MNT_ID_OFFSET)[0]
         return mount
+# <linux/magic.h>
+TMPFS_MAGIC = 0x01021994
+
+
+_fstatfs: ctypes._NamedFuncPointer | None = None
+
+
+def fs_magic(fd: int) -> int:
+    """fstatfs(2)'s f_type of the filesystem ``fd`` lives on (an O_PATH descriptor will do).
+
+    ``os.fstatvfs`` has no f_type; it is the first field of ``struct statfs`` (a long) on every
+    64-bit Linux the agent runs on.
+    """
+    global _fstatfs
+    if _fstatfs is None:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _fstatfs = lib.fstatfs
+        _fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        _fstatfs.restype = ctypes.c_int
+    buf = ctypes.create_string_buffer(256)  # sizeof(struct statfs) is 120 on x86_64 and arm64
+    if _fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buf).value
 
 
 def describe_os_error(exc: OSError) -> str:

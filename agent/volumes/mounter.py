@@ -1,8 +1,9 @@
 """Mounts: the payload tmpfs and the read-only bind of each payload onto the pod's target path.
 
-LinuxMounter calls mount(2)/umount2(2) through ctypes (no subprocess per call) and reads
-/proc/self/mountinfo to answer questions about mounts. NoMounter is for running unprivileged:
-the agent then writes payloads straight into target_path.
+LinuxMounter calls mount(2)/umount2(2) through ctypes (no subprocess per call) and answers
+questions about mounts from descriptors (mount ids, fstatfs), never by parsing the whole
+/proc/self/mountinfo (thousands of lines on a node with thousands of volumes). NoMounter is
+for running unprivileged: the agent then writes payloads straight into target_path.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from agent.volumes.mount_syscalls import (
 )
 from agent.volumes.mountinfo import (
     MountInfo,
-    last_mount_at,
     mount_id,
     mount_points_below,
     parse_mountinfo,
     read_mountinfo,
+    top_mount_at,
 )
 from agent.volumes.paths import TargetDir
 
@@ -109,7 +110,7 @@ class LinuxMounter:
         self._libc = Libc()
         self._new_api: bool | None = {"auto": None, "new": True, "legacy": False}[mount_api]
         self._tmpfs_roots: list[str] = []
-        self._mounted_tmpfs: dict[str, MountInfo | None] = {}
+        self._mounted_tmpfs: dict[str, int] = {}  # mount point -> id of the tmpfs mounted there
 
     def ensure_tmpfs(self, path: Path, size_bytes: int) -> None:
         try:
@@ -121,20 +122,22 @@ class LinuxMounter:
         real = os.path.realpath(path)
         if real not in self._tmpfs_roots:
             self._tmpfs_roots.append(real)
-        top = last_mount_at(read_mountinfo(), real)
-        if top is not None and top.fs_type == "tmpfs":
+        top = top_mount_at(real)
+        if top is not None and top.is_tmpfs:
             return
         opts = f"size={int(size_bytes)},mode=0700"
         try:
             self._libc.mount("tmpfs", real, "tmpfs", SAFE_FLAGS, opts)
         except OSError as exc:
             raise Internal(f"cannot mount a tmpfs at {real}: {describe_os_error(exc)}") from exc
-        self._mounted_tmpfs[real] = last_mount_at(read_mountinfo(), real)
+        mounted = top_mount_at(real)
+        if mounted is not None:
+            self._mounted_tmpfs[real] = mounted.mount_id
         log.info("mounted tmpfs (%d bytes) at %s", size_bytes, real)
 
     def is_tmpfs(self, path: Path) -> bool:
-        top = last_mount_at(read_mountinfo(), os.path.realpath(path))
-        return top is not None and top.fs_type == "tmpfs"
+        top = top_mount_at(os.path.realpath(path))
+        return top is not None and top.is_tmpfs
 
     def unmount_tmpfs(self, path: Path) -> None:
         """Unmount a tmpfs that this mounter mounted at ``path`` (a failed start's undo).
@@ -144,8 +147,8 @@ class LinuxMounter:
         """
         real = os.path.realpath(path)
         mine = self._mounted_tmpfs.pop(real, None)
-        top = last_mount_at(read_mountinfo(), real)
-        if mine is None or top is None or top.mount_id != mine.mount_id:
+        top = top_mount_at(real)
+        if mine is None or top is None or top.mount_id != mine:
             return
         try:
             self._libc.umount2(real, UMOUNT_NOFOLLOW)
@@ -248,8 +251,8 @@ class LinuxMounter:
 
     def _ensure_readonly_view(self, root: str, view: str) -> None:
         """A read-only bind of the payload tmpfs beside it (the legacy source of every bind)."""
-        top = last_mount_at(read_mountinfo(), view)
-        if top is not None and top.readonly and top.fs_type == "tmpfs":
+        top = top_mount_at(view)
+        if top is not None and top.readonly and top.is_tmpfs:
             return
         try:
             os.makedirs(view, mode=0o700, exist_ok=True)

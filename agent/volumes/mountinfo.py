@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import Internal
-from agent.volumes.mount_syscalls import MountIds
+from agent.volumes.mount_syscalls import TMPFS_MAGIC, MountIds, fs_magic
 
 # The logger of agent.volumes.mounter: these steps log as part of it, as before the split.
 log = logging.getLogger("agent.volumes.mounter")
@@ -129,3 +129,43 @@ def _fdinfo_mount_id(fd: int) -> int:
             if line.startswith("mnt_id:"):
                 return int(line.split()[1])
     raise Internal(f"no mnt_id in /proc/self/fdinfo/{fd}")
+
+
+@dataclass(frozen=True)
+class TopMount:
+    """The topmost mount at a mount point, as the kernel shows it through a descriptor."""
+
+    mount_id: int
+    fs_magic: int
+    readonly: bool
+
+    @property
+    def is_tmpfs(self) -> bool:
+        return self.fs_magic == TMPFS_MAGIC
+
+
+def top_mount_at(path: str) -> TopMount | None:
+    """The topmost mount whose mount point is exactly ``path`` (absolute, symlinks resolved), or
+    None when nothing is mounted there (or it does not exist).
+
+    What ``last_mount_at(read_mountinfo(), path)`` answers, from two descriptors: the path
+    lives on another mount than its parent only when something is mounted at it. Parsing the
+    whole mount table instead cost a start with 5,000 binds in place half a second.
+    """
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        mine = mount_id(fd)
+        if path != "/":
+            parent = os.open(os.path.dirname(path), flags)
+            try:
+                if mount_id(parent) == mine:
+                    return None
+            finally:
+                os.close(parent)
+        return TopMount(mine, fs_magic(fd), bool(os.fstatvfs(fd).f_flag & os.ST_RDONLY))
+    finally:
+        os.close(fd)
