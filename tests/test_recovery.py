@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,7 +17,7 @@ from agent.csi import csi_pb2
 from agent.volumes import mountinfo
 from agent.volumes.manager import VolumeManager
 from agent.volumes.recovery import RecoveryQueue
-from tests.conftest import IS_ROOT, RunningAgent, unmount_below
+from tests.conftest import IS_ROOT, Pod, RunningAgent, unmount_below
 
 ATTRIBUTES = {"csi.cert-agent.io/dns-names": "${POD_NAME}.${POD_NAMESPACE}.svc.cluster.local"}
 
@@ -162,6 +166,65 @@ def test_a_start_with_binds_in_place_never_parses_the_mount_table(
         assert second.agent.mounter.is_tmpfs(tmp_path / "data" / "volumes")
         assert all(is_mountpoint(pod.target) for pod in pods)
         assert second.agent.manager.recovery.recovered == 2
+    finally:
+        second.stop()
+        monkeypatch.undo()
+        unmount_below(tmp_path)
+
+
+def test_recovery_reads_the_hint_and_parses_only_metadata_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The commit stores what a restart needs (file names, whether the spec is needed); parsing
+    # the attributes again was a fifth of the recovery time per volume. Older metadata, or a
+    # hint of another version, is parsed as before.
+    first = RunningAgent(tmp_path)
+    hinted, old, other_version = (first.pod(name) for name in ("hinted", "old", "future"))
+    for pod in (hinted, old):
+        first.publish(pod, ATTRIBUTES)
+    first.publish(other_version, {**ATTRIBUTES, "csi.cert-agent.io/certificate-file": "c.pem"})
+    first.stop()
+    volumes = tmp_path / "data" / "volumes"
+
+    def edit(pod: Pod, change: Callable[[dict[str, Any]], None]) -> None:
+        path = volumes / pod.volume_id / "meta.json"
+        meta = json.loads(path.read_text())
+        change(meta)
+        path.write_text(json.dumps(meta))
+
+    hint = json.loads((volumes / hinted.volume_id / "meta.json").read_text())["recovery_hint"]
+    assert hint == {"version": 1, "files": ["tls.crt", "ca.crt", "tls.key"], "needs_spec": False}
+    edit(old, lambda meta: meta.pop("recovery_hint"))
+    edit(other_version, lambda meta: meta["recovery_hint"].update(version=99, files=["x"]))
+    if first.agent.mounter.can_mount:
+        for pod in (hinted, old, other_version):
+            subprocess.run(["umount", str(pod.target)], check=True)
+    parsed: list[str] = []
+    parse = VolumeManager._parse
+
+    def counting(self: VolumeManager, context: Mapping[str, str]) -> Any:
+        parsed.append(context["csi.storage.k8s.io/pod.name"])
+        return parse(self, context)
+
+    monkeypatch.setattr(VolumeManager, "_parse", counting)
+    second = RunningAgent(tmp_path)
+    try:
+        assert sorted(parsed) == ["future", "old"]
+        for pod in (hinted, old, other_version):
+            due = second.agent.scheduler.due_time(pod.volume_id)
+            assert due is not None and due > time.time()  # resumed, not reissued
+            if second.agent.mounter.can_mount:
+                assert is_mountpoint(pod.target)
+        assert (other_version.target / "c.pem").is_file()
+        assert second.agent.metrics.registry.get_sample_value(
+            "cert_agent_certificate_expiry_timestamp_seconds",
+            {
+                "namespace": "default",
+                "pod": "hinted",
+                "volume_id": hinted.volume_id,
+                "issuer": "local",
+            },
+        )
     finally:
         second.stop()
         monkeypatch.undo()

@@ -39,6 +39,7 @@ from agent.volumes.manager_core import (
     ip_sans_key,
     log_fields,
 )
+from agent.volumes.recovery_hint import hint_for
 from agent.volumes.scheduler import plan_renewal
 from agent.volumes.store import (
     VolumeMeta,
@@ -266,6 +267,7 @@ class Issuing(ManagerCore):
         meta.next_renewal = plan.due
         meta.pending_request = None
         meta.issuer = spec.issuer.describe()
+        meta.recovery_hint = hint_for(spec)
         meta.updated_at = self.clock()
         meta.pod_ips = list(pod_ips)
         meta.issuer_ca_pem = issued.ca_pem.decode() if include_issuer else ""

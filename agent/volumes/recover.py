@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -9,13 +10,18 @@ from agent.errors import (
     AgentError,
     InvalidArgument,
 )
+from agent.spec.model import CertificateSpec
 from agent.volumes.manager_core import (
     ManagerCore,
     log_fields,
+    pod_of,
 )
-from agent.volumes.paths import PathMissing
+from agent.volumes.paths import PathMissing, TargetDir
+from agent.volumes.recovery_hint import names_from_hint, payload_names
 from agent.volumes.store import (
+    VolumeMeta,
     VolumeState,
+    payload_files_present,
     validate_volume_id,
 )
 
@@ -52,15 +58,15 @@ class Recovering(ManagerCore):
         except InvalidArgument:
             log.warning("ignoring unexpected entry %r among the volumes", volume_id)
             return
-        with self._locks.hold(volume_id):
+        with self._locks.hold(volume_id), contextlib.ExitStack() as walk:
             meta = self.store.load(volume_id)
             if meta is None:
                 self.store.remove_unrecorded(volume_id)  # a kill during a local-CA first issue
                 return
             try:
+                # One check and one walk per volume: the bind below reuses the held parent.
                 target = self.paths.check(meta.target_path)
-                with self.paths.open_target(target, create=False):
-                    pass
+                handle = walk.enter_context(self.paths.open_target(target, create=False))
             except PathMissing:
                 # The pod's volume directory is gone: the pod was deleted while we were down
                 # (a directory with a mount in it cannot be removed, so nothing is mounted).
@@ -73,31 +79,42 @@ class Recovering(ManagerCore):
                     extra={"volume_id": volume_id, "error": exc.message},
                 )
                 return
+            self._resume(meta, handle)
+
+    def _resume(self, meta: VolumeMeta, handle: TargetDir) -> None:
+        volume_id = meta.volume_id
+        spec: CertificateSpec | None = None
+        names = names_from_hint(meta.recovery_hint)
+        pod = pod_of(meta.volume_context) if names is not None else None
+        if names is None or pod is None:
+            # Older metadata, or a volume that follows a trust bundle or its pod's IPs.
             spec, pod = self._parse(meta.volume_context)
             if meta.issuer != spec.issuer.describe():
                 # Written by an older agent that spelled issuer references differently.
                 meta.issuer = spec.issuer.describe()
                 self.store.save(meta)
-            if meta.state == VolumeState.READY and self._payload_complete(meta, spec):
-                if meta.mode == "mount":
-                    try:
-                        self._ensure_mounted(meta)
-                    except AgentError as exc:
-                        # Renewals go on; kubelet's next publish retries the mount.
-                        log.error(
-                            "could not mount a recovered volume",
-                            extra={"volume_id": volume_id, "error": exc.message},
-                        )
-                self._publish_metrics(meta, pod)
-                self.trust.attach(volume_id, spec, pod)
-                self.pod_ips.recovered(volume_id, spec, pod, tuple(meta.pod_ips))
-                due = meta.next_renewal if meta.next_renewal is not None else self.clock()
-                self.scheduler.schedule(volume_id, due)
-                # Debug: a node with thousands of volumes would log thousands of lines at each
-                # start; "volumes recovered" gives the count.
-                log.debug(
-                    "resumed volume",
-                    extra={**log_fields(meta, pod), "next_renewal": meta.next_renewal},
+            names = payload_names(spec)
+        if meta.state != VolumeState.READY or not payload_files_present(
+            self._payload_dir(meta), names
+        ):
+            self.scheduler.schedule(volume_id, self.clock())
+            return
+        if meta.mode == "mount":
+            try:
+                self._ensure_bound(meta, handle)
+            except AgentError as exc:
+                # Renewals go on; kubelet's next publish retries the mount.
+                log.error(
+                    "could not mount a recovered volume",
+                    extra={"volume_id": volume_id, "error": exc.message},
                 )
-            else:
-                self.scheduler.schedule(volume_id, self.clock())
+        self._publish_metrics(meta, pod)
+        if spec is not None:
+            self.trust.attach(volume_id, spec, pod)
+            self.pod_ips.recovered(volume_id, spec, pod, tuple(meta.pod_ips))
+        due = meta.next_renewal if meta.next_renewal is not None else self.clock()
+        self.scheduler.schedule(volume_id, due)
+        if log.isEnabledFor(logging.DEBUG):
+            # Debug: a node with thousands of volumes would log thousands of lines at each
+            # start; "volumes recovered" gives the count.
+            log.debug("resumed volume", extra={**log_fields(meta, pod), "next_renewal": due})

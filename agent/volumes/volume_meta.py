@@ -48,6 +48,9 @@ class VolumeMeta:
     # The issuing CA (PEM), kept when ca.crt is a trust bundle with trust-bundle-include-issuer,
     # so a bundle change can rebuild ca.crt without reissuing.
     issuer_ca_pem: str = ""
+    # What a restart needs from the attributes without parsing them (volumes/recovery_hint.py);
+    # empty in metadata of older agents.
+    recovery_hint: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         # Not dataclasses.asdict (a deep copy, field by field) and no indent (which makes json
@@ -63,9 +66,8 @@ class VolumeMeta:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("metadata is not a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
         # Unknown keys are ignored so an older agent can read a newer agent's metadata.
-        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in _KNOWN_FIELDS}
         try:
             meta = cls(**kwargs)
         except TypeError as exc:
@@ -76,6 +78,7 @@ class VolumeMeta:
 
 
 _META_FIELDS = tuple(f.name for f in dataclasses.fields(VolumeMeta))
+_KNOWN_FIELDS = frozenset(_META_FIELDS)
 
 
 def _check_types(meta: VolumeMeta) -> None:
@@ -94,6 +97,7 @@ def _check_types(meta: VolumeMeta) -> None:
     for name in ("created_at", "updated_at"):
         want(name, _is_number(getattr(meta, name)))
     want("readonly", isinstance(meta.readonly, bool))
+    want("recovery_hint", isinstance(meta.recovery_hint, dict))
     ctx = meta.volume_context
     want(
         "volume_context",
