@@ -101,7 +101,7 @@ class Recovering(ManagerCore):
             return
         if meta.mode == "mount":
             try:
-                self._ensure_bound(meta, handle)
+                self._rebind(meta, handle)
             except AgentError as exc:
                 # Renewals go on; kubelet's next publish retries the mount.
                 log.error(
@@ -118,3 +118,12 @@ class Recovering(ManagerCore):
             # Debug: a node with thousands of volumes would log thousands of lines at each
             # start; "volumes recovered" gives the count.
             log.debug("resumed volume", extra={**log_fields(meta, pod), "next_renewal": due})
+
+    def _rebind(self, meta: VolumeMeta, handle: TargetDir) -> None:
+        """``_ensure_mounted`` through the walk recovery already holds (one walk per volume)."""
+        payload = self.store.payload_dir(meta.volume_id)
+        handle.create()
+        if self.mounter.is_bind_of(handle, payload):
+            return
+        # A mount there that is not this payload's is refused, never replaced.
+        self.mounter.bind_readonly(payload, handle)
