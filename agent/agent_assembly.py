@@ -18,6 +18,7 @@ from agent.issuers.base import Issuer
 from agent.issuers.local import LocalCAIssuer
 from agent.issuers.router import IssuerRouter
 from agent.observe.httpserver import HealthServer
+from agent.observe.startup import TIMELINE
 from agent.pki.policy_reload import PolicySource
 from agent.volumes.manager import VolumeManager
 from agent.volumes.paths import TargetPolicy
@@ -34,6 +35,7 @@ class Agent(AgentParts, AgentCA):
 
     def _start(self) -> None:
         config = self.config
+        TIMELINE.mark("agent setup")  # the mounter probe, the metrics registry
         self.health = HealthServer(
             config.metrics_address, self.metrics.registry, self.ready, alive=self.alive
         )
@@ -49,7 +51,9 @@ class Agent(AgentParts, AgentCA):
             endpoint.claim(config.socket_path)
         except endpoint.EndpointInUse as exc:
             raise StartupError(f"--endpoint {config.endpoint}: {exc}") from exc
+        TIMELINE.mark("metrics port, endpoint check")
         self._prepare_data_root()
+        TIMELINE.mark("data root and its tmpfs")
         self.store = VolumeStore(config.data_root)
         api = None if config.standalone else self._kubernetes_client()
         cert_manager: Issuer | None = None
@@ -76,6 +80,7 @@ class Agent(AgentParts, AgentCA):
                 log.error("the local CA cannot sign yet", extra={"error": exc.message})
             else:
                 self._check_allow_ca()
+        TIMELINE.mark("CA")
         self.issuers = IssuerRouter(self.local_issuer, cert_manager)
         self.policy = PolicySource(
             config.policy_file,
@@ -124,7 +129,9 @@ class Agent(AgentParts, AgentCA):
             self.manager.on_commit = self._rotation.note_issued
         # Serve first, recover behind: Probe answers at once whatever the number of volumes, and
         # a call for a volume not recovered yet recovers that one first (volumes/recovery.py).
+        TIMELINE.mark("policy, manager, scheduler")
         recovering = self.manager.begin_recovery()
+        TIMELINE.mark("recovery queue")
         if config.pcr_signers and api is not None:
             self._start_pcr(api)
         self._closers.append(lambda: self.scheduler.stop(STOP_GRACE_SECONDS))
@@ -132,6 +139,7 @@ class Agent(AgentParts, AgentCA):
         self.scheduler.start()
         self._start_status()
         self._start_grpc()
+        TIMELINE.mark("status socket, gRPC serving")
         self.interruptible = False
         self._serving = True
         self._recovery_thread = run_in_background(self.manager.recovery, self._recovered)
@@ -147,6 +155,8 @@ class Agent(AgentParts, AgentCA):
                 "recovering": recovering,
                 "mounts": self.mounter.can_mount,
                 "policy": self.policy.policy.source,
+                # Milliseconds from the first import of the agent package, step by step.
+                "startup_ms": TIMELINE.report(),
             },
         )
 

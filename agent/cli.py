@@ -139,14 +139,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from agent.observe.logs import configure_logging
+    from agent.observe.startup import TIMELINE
 
+    TIMELINE.mark("cli imports")
     try:
         config = resolve(args)
         configure_logging(config.log_level, config.log_format)
     except (ConfigError, ValueError) as exc:
         print(f"cert-agent: {exc}", file=sys.stderr)
         return 2
+    TIMELINE.mark("configuration")
     from agent.server import serve
+
+    TIMELINE.mark("agent imports")
 
     code = serve(config)
     # The agent has stopped and said so. A CSI call or renewal still waiting on an issuer would
