@@ -118,6 +118,7 @@ class AgentCA(AgentBase):
             return  # on start, recover() runs first and calls this again
         # Imported here: outside node CA mode the module is never needed (18 ms of imports).
         from agent.issuers.node_ca import reissue_due
+
         try:
             signer = self.node_ca.current().certificate
         except AgentError:

@@ -965,6 +965,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         iterations, warmup, volumes, restarts = {"ECDSA P-256": 300, "RSA 2048": 200}, 5, 500, 5
     volumes = args.volumes or volumes
+    from tests.bench_scale import compile_agent
+
+    compile_agent()  # the agent processes started below import .pyc files, as in the image
     info = machine()
     started = time.perf_counter()
     # SIGTERM (e.g. from make being interrupted) must still run the cleanup in finally blocks.

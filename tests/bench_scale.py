@@ -14,6 +14,7 @@ propagation is part of what is measured.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import ctypes
 import datetime as dt
@@ -49,12 +50,28 @@ class Checkpoint:
 
 
 @dataclass
+class StartTimes:
+    """One start of `cert-agent serve`, timed from exec."""
+
+    probe: float  # seconds from exec until Probe answers ready
+    recovered: float  # seconds from exec until the agent logs every volume recovered
+    recovered_count: int
+    # The agent's own timeline ("agent serving" log line: startup_ms), plus what came before its
+    # first import (exec and interpreter start), in ms.
+    steps: dict[str, float] = field(default_factory=dict)
+    # Probe latencies (s) while the recovery ran, back to back with 5 ms pauses, and after it.
+    probe_recovering: list[float] = field(default_factory=list)
+    probe_after: list[float] = field(default_factory=list)
+
+
+@dataclass
 class RestartSample:
     binds_removed: bool  # every bind was unmounted before the start: all must be re-bound
     probe: float  # seconds from exec until Probe answers ready
     recovered: float  # seconds from exec until the agent logs every volume recovered
     recovered_count: int
     mounts_after: int
+    times: StartTimes | None = None
 
 
 @dataclass
@@ -138,9 +155,32 @@ def _log_time(entry: dict[str, object]) -> float:
     return dt.datetime.fromisoformat(str(entry["ts"]).replace("Z", "+00:00")).timestamp()
 
 
+def _serving_line(process: AgentProcess) -> dict[str, object] | None:
+    with contextlib.suppress(FileNotFoundError):
+        for line in process.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("msg") == "agent serving":
+                    return entry
+    return None
+
+
+def _probe_seconds(client: CSIClient) -> float:
+    started = time.perf_counter()
+    client.identity.Probe(csi_pb2.ProbeRequest(), timeout=5)
+    return time.perf_counter() - started
+
+
 def start_and_time(process: AgentProcess, timeout: float = 300) -> tuple[float, float, int]:
     """Start ``process``: (seconds until Probe answers ready, seconds until the agent logs all
     volumes recovered, how many it recovered), both from exec."""
+    times = start_and_time_steps(process, timeout)
+    return times.probe, times.recovered, times.recovered_count
+
+
+def start_and_time_steps(process: AgentProcess, timeout: float = 300) -> StartTimes:
+    """``start_and_time`` with the agent's start-up steps and Probe latencies while it
+    recovers (a Probe every 5 ms until it logs every volume recovered) and after (20)."""
     socket_path = Path(process.endpoint.removeprefix("unix://"))
     with contextlib.suppress(FileNotFoundError):
         socket_path.unlink()
@@ -151,6 +191,7 @@ def start_and_time(process: AgentProcess, timeout: float = 300) -> tuple[float, 
     log.close()
     probe = None
     deadline = started + timeout
+    during: list[float] = []
     with CSIClient(process.endpoint, timeout=2) as client:
         while probe is None:
             if time.perf_counter() > deadline or process.process.poll() is not None:
@@ -159,11 +200,29 @@ def start_and_time(process: AgentProcess, timeout: float = 300) -> tuple[float, 
                 probe = time.perf_counter() - started
             else:
                 time.sleep(0.002)
-    while (entry := _recovery_line(process)) is None:
-        if time.perf_counter() > deadline:
-            raise RuntimeError("the agent never logged its volumes recovered")
-        time.sleep(0.01)
-    return probe, _log_time(entry) - wall_start, int(str(entry["volumes_recovered"]))
+        while (entry := _recovery_line(process)) is None:
+            if time.perf_counter() > deadline:
+                raise RuntimeError("the agent never logged its volumes recovered")
+            during.append(_probe_seconds(client))
+            time.sleep(0.005)
+        after = [_probe_seconds(client) for _ in range(20)]
+    times = StartTimes(probe, _log_time(entry) - wall_start, int(str(entry["volumes_recovered"])))
+    times.probe_recovering, times.probe_after = during, after
+    serving = _serving_line(process)
+    steps = serving.get("startup_ms") if serving is not None else None
+    if isinstance(steps, dict):
+        total = float(steps.get("total", 0.0))
+        # The log's timestamp has millisecond precision: so has this step.
+        before = max(0.0, (_log_time(serving) - wall_start) * 1000 - total)  # type: ignore[arg-type]
+        times.steps = {"exec, interpreter start": round(before, 1), **steps}
+    return times
+
+
+def compile_agent() -> None:
+    """Byte-compile the agent's modules, as the image does (Dockerfile: compileall): where the
+    environment sets PYTHONDONTWRITEBYTECODE, every agent process measured here would otherwise
+    compile all of them from source at start, ~100 ms that no deployed agent spends."""
+    compileall.compile_dir(str(REPO / "agent"), quiet=1)
 
 
 def mounts_below(root: Path) -> int:
@@ -225,8 +284,15 @@ class ScaleFleet:
         if binds_removed:
             self.unmount_all_binds()
         self.agent = AgentProcess(self.dir, *self.args, metrics_port=self.agent.metrics_port)
-        probe, recovered, count = start_and_time(self.agent)
-        return RestartSample(binds_removed, probe, recovered, count, mounts_below(self.kubelet))
+        times = start_and_time_steps(self.agent)
+        return RestartSample(
+            binds_removed,
+            times.probe,
+            times.recovered,
+            times.recovered_count,
+            mounts_below(self.kubelet),
+            times,
+        )
 
 
 def bench_scale(
@@ -238,6 +304,7 @@ def bench_scale(
     measure_idle: Callable[[list[tuple[str, int, int]], int], list[object]] | None = None,
     log: Callable[[str], None] = print,
 ) -> ScaleResults:
+    compile_agent()
     root = tmp / "propagated"
     root.mkdir()
     with shared_with_peer(root) as shared:
