@@ -229,3 +229,70 @@ def test_recovery_reads_the_hint_and_parses_only_metadata_without_one(
         second.stop()
         monkeypatch.undo()
         unmount_below(tmp_path)
+
+
+def test_probe_and_calls_while_many_volumes_recover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ready while recovering means what the CSI spec asks of ready: every Node call is served
+    # correctly now (a call for a volume not recovered yet recovers it, or waits for it alone).
+    first = RunningAgent(tmp_path)
+    pods = sorted((first.pod(f"app-{i}") for i in range(12)), key=lambda pod: pod.volume_id)
+    for pod in pods:
+        first.publish(pod, ATTRIBUTES)
+    first.stop()
+    held, in_queue = pods[4], pods[9]  # the background thread goes in id order
+    if first.agent.mounter.can_mount:
+        for pod in (held, in_queue):
+            subprocess.run(["umount", str(pod.target)], check=True)
+    entered, release = threading.Event(), threading.Event()
+    recover_one = VolumeManager._recover_one
+
+    def slow(self: VolumeManager, volume_id: str) -> None:
+        if volume_id == held.volume_id:
+            entered.set()
+            release.wait(30)
+        recover_one(self, volume_id)
+
+    monkeypatch.setattr(VolumeManager, "_recover_one", slow)
+    second = RunningAgent(tmp_path, wait_recovered=False)
+    try:
+        assert entered.wait(30)
+        recovery = second.agent.manager.recovery
+        assert recovery.pending() == len(pods) - 4  # four done, one held, the rest queued
+        for _ in range(3):
+            assert second.client.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
+        assert second.client.plugin_info().name == second.config.driver_name
+
+        # A republish of the volume held right now waits for that one volume, then answers OK.
+        answered = threading.Event()
+        failures: list[BaseException] = []
+
+        def republish() -> None:
+            try:
+                second.client.publish(held.request(ATTRIBUTES))
+            except grpc.RpcError as exc:
+                failures.append(exc)
+            answered.set()
+
+        caller = threading.Thread(target=republish)
+        caller.start()
+        # A queued volume's call goes first, in its own thread, while the other one waits.
+        second.client.publish(in_queue.request(ATTRIBUTES))
+        if second.agent.mounter.can_mount:
+            assert is_mountpoint(in_queue.target)
+        assert not answered.is_set()
+        assert second.client.identity.Probe(csi_pb2.ProbeRequest(), timeout=10).ready.value
+        release.set()
+        caller.join(30)
+        assert answered.is_set() and failures == []
+        if second.agent.mounter.can_mount:
+            assert is_mountpoint(held.target)
+        assert second.agent.wait_recovered(30)
+        assert recovery.pending() == 0
+        assert all(second.agent.scheduler.due_time(pod.volume_id) for pod in pods)
+    finally:
+        release.set()
+        second.stop()
+        monkeypatch.undo()
+        unmount_below(tmp_path)

@@ -87,6 +87,15 @@ def test_restart_keeps_volumes_and_certificates(agent_process: object, tmp_path:
     recovered = [json.loads(line) for line in log.splitlines() if '"volumes recovered"' in line]
     assert [entry["volumes_recovered"] for entry in recovered] == [3], log
     assert "published volume" not in log  # nothing was reissued
+    # The start-up timeline the restart bench reads: each step in ms, in the order they ran,
+    # adding up to the total (from the first import of the package to the serving socket).
+    (serving,) = [json.loads(line) for line in log.splitlines() if '"agent serving"' in line]
+    steps = serving["startup_ms"]
+    assert list(steps)[:3] == ["cli imports", "configuration", "agent imports"]
+    assert list(steps)[-2:] == ["status socket, gRPC serving", "total"]
+    assert all(isinstance(ms, float) and ms >= 0 for ms in steps.values())
+    assert steps["total"] > 0
+    assert abs(sum(ms for name, ms in steps.items() if name != "total") - steps["total"]) < 1
 
 
 @needs_root
