@@ -517,8 +517,9 @@ def _render_restart(add: Callable[[str], None], report: ScaleReport) -> None:
     add("Times from exec of `cert-agent serve` (SIGTERM to the previous one first): until `Probe`")
     add("answers ready over the socket (polled every 2 ms), and until the agent logs that every")
     add("volume is recovered (metadata read, payload checked, bind verified or re-bound, renewal")
-    add("scheduled). *Binds removed*: every target was unmounted while the agent was down, so all")
-    add("of them are re-bound. The agent's modules were byte-compiled first, as the image does")
+    add("scheduled). *Binds removed*: every target was unmounted while the agent was down (1 s")
+    add("before its start), so all of them are re-bound. The agent's modules were byte-compiled")
+    add("first, as the image does")
     add("(with `PYTHONDONTWRITEBYTECODE` set, each start would otherwise compile them anew).")
     add("")
     add(

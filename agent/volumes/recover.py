@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 from agent.errors import (
     AgentError,
@@ -94,14 +95,13 @@ class Recovering(ManagerCore):
                 meta.issuer = spec.issuer.describe()
                 self.store.save(meta)
             names = payload_names(spec)
-        if meta.state != VolumeState.READY or not payload_files_present(
-            self._payload_dir(meta), names
-        ):
+        payload = self._payload_dir(meta)
+        if meta.state != VolumeState.READY or not payload_files_present(payload, names):
             self.scheduler.schedule(volume_id, self.clock())
             return
         if meta.mode == "mount":
             try:
-                self._rebind(meta, handle)
+                self._rebind(payload, handle)
             except AgentError as exc:
                 # Renewals go on; kubelet's next publish retries the mount.
                 log.error(
@@ -119,9 +119,8 @@ class Recovering(ManagerCore):
             # start; "volumes recovered" gives the count.
             log.debug("resumed volume", extra={**log_fields(meta, pod), "next_renewal": due})
 
-    def _rebind(self, meta: VolumeMeta, handle: TargetDir) -> None:
+    def _rebind(self, payload: Path, handle: TargetDir) -> None:
         """``_ensure_mounted`` through the walk recovery already holds (one walk per volume)."""
-        payload = self.store.payload_dir(meta.volume_id)
         handle.create()
         if self.mounter.is_bind_of(handle, payload):
             return
