@@ -127,11 +127,11 @@ class Agent(AgentParts, AgentCA):
                 self.manager.local_certificate_start_times, self.manager.rewrite_ca_bundles
             )
             self.manager.on_commit = self._rotation.note_issued
-        # Serve first, recover behind: Probe answers at once whatever the number of volumes, and
-        # a call for a volume not recovered yet recovers that one first (volumes/recovery.py).
         TIMELINE.mark("policy, manager, scheduler")
-        recovering = self.manager.begin_recovery()
-        TIMELINE.mark("recovery queue")
+        # Serve first, recover behind: Probe answers at once whatever the number of volumes (the
+        # background thread even lists them), and a call for a volume not recovered yet recovers
+        # that one first (volumes/recovery.py).
+        self.manager.recovery.expect()
         if config.pcr_signers and api is not None:
             self._start_pcr(api)
         self._closers.append(lambda: self.scheduler.stop(STOP_GRACE_SECONDS))
@@ -142,7 +142,9 @@ class Agent(AgentParts, AgentCA):
         TIMELINE.mark("status socket, gRPC serving")
         self.interruptible = False
         self._serving = True
-        self._recovery_thread = run_in_background(self.manager.recovery, self._recovered)
+        self._recovery_thread = run_in_background(
+            self.manager.recovery, self._recovered, self.manager.volumes_on_disk
+        )
         log.info(
             "agent serving",
             extra={
@@ -152,7 +154,6 @@ class Agent(AgentParts, AgentCA):
                 "driver_name": config.driver_name,
                 "data_root": str(config.data_root),
                 "metrics_port": self.health.port,
-                "recovering": recovering,
                 "mounts": self.mounter.can_mount,
                 "policy": self.policy.policy.source,
                 # Milliseconds from the first import of the agent package, step by step.

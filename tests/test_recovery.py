@@ -296,3 +296,31 @@ def test_probe_and_calls_while_many_volumes_recover(
         second.stop()
         monkeypatch.undo()
         unmount_below(tmp_path)
+
+
+def test_a_call_before_the_listing_waits_for_it_and_recovers_its_volume() -> None:
+    # The background thread lists the volumes after the socket serves; a call that comes first
+    # must not act on its volume before that volume is known to need recovery.
+    seen: list[str] = []
+    queue = RecoveryQueue(seen.append)
+    queue.expect()
+    assert not queue.wait(0)
+    caller = threading.Thread(target=queue.settle, args=("b",))
+    caller.start()
+    assert seen == []
+    assert queue.load(["a", "b"]) == 2
+    caller.join(30)
+    assert not caller.is_alive() and seen == ["b"]  # it waited, then recovered its own volume
+    assert queue.run() == 1
+    assert seen == ["b", "a"] and queue.wait(0) and queue.recovered == 2
+
+    # A listing that failed, or a stop, releases the callers too (nothing to recover then).
+    for release in ("listed", "stop"):
+        waiting = RecoveryQueue(seen.append)
+        waiting.expect()
+        caller = threading.Thread(target=waiting.settle, args=("c",))
+        caller.start()
+        getattr(waiting, release)()
+        caller.join(30)
+        assert not caller.is_alive()
+    assert "c" not in seen

@@ -47,11 +47,14 @@ class Recovering(ManagerCore):
     def begin_recovery(self) -> int:
         """Queue every volume found on disk for recovery; publish, unpublish and renew of a
         queued volume recover it first (``recovery.settle``). Returns how many were queued."""
+        return self.recovery.load(self.volumes_on_disk())
+
+    def volumes_on_disk(self) -> list[str]:
+        """The entries of the volumes directory, in id order (what recovery goes through)."""
         try:
-            names = sorted(os.listdir(self.store.volumes_dir))
+            return sorted(os.listdir(self.store.volumes_dir))
         except FileNotFoundError:
-            names = []
-        return self.recovery.load(names)
+            return []
 
     def _recover_one(self, volume_id: str) -> None:
         try:

@@ -1,9 +1,10 @@
 """Recovery on start without making kubelet wait for all of it.
 
-The agent serves as soon as its socket is up; one background thread then recovers the volumes it
-found (metadata, payload, bind, schedule) one at a time. A kubelet call for a volume still in the
-queue recovers that volume at once, in the calling thread, and a call for a volume the background
-thread is recovering right now waits for that one volume only. So `Probe` answers within the
+The agent serves as soon as its socket is up; one background thread then lists the volumes on
+disk and recovers them (metadata, payload, bind, schedule) one at a time. A kubelet call for a
+volume still in the queue recovers that volume at once, in the calling thread, and a call for a
+volume the background thread is recovering right now waits for that one volume only (a call
+that comes before the listing waits for the listing first). So `Probe` answers within the
 start-up time whatever the number of volumes, and no call ever acts on a volume before its
 recovery.
 """
@@ -28,8 +29,19 @@ class RecoveryQueue:
         self._running: dict[str, threading.Event] = {}  # started, not finished
         self._idle = threading.Event()
         self._idle.set()
+        # Clear from ``expect`` until ``load``: the volumes on disk are being listed.
+        self._listed = threading.Event()
+        self._listed.set()
         self._stopping = False
         self.recovered = 0
+
+    def expect(self) -> None:
+        """The volumes on disk will be listed and loaded soon (by the background thread, so
+        that listing thousands does not delay the socket): until then ``settle`` waits for
+        the listing, so no call acts on a volume before it is known to need recovery."""
+        with self._lock:
+            self._listed.clear()
+            self._idle.clear()
 
     def load(self, volume_ids: Iterable[str]) -> int:
         """Queue ``volume_ids``; returns how many are queued now."""
@@ -38,7 +50,17 @@ class RecoveryQueue:
                 self._todo[volume_id] = None
             if self._todo:
                 self._idle.clear()
+            elif not self._running:
+                self._idle.set()
+            self._listed.set()
             return len(self._todo)
+
+    def listed(self) -> None:
+        """The listing is over even though ``load`` did not run (it failed): stop waiting."""
+        with self._lock:
+            self._listed.set()
+            if not self._todo and not self._running:
+                self._idle.set()
 
     def pending(self) -> int:
         """Volumes not recovered yet (queued or being recovered)."""
@@ -47,6 +69,7 @@ class RecoveryQueue:
 
     def settle(self, volume_id: str) -> None:
         """Make sure ``volume_id`` is recovered before the caller touches it (O(1) when it is)."""
+        self._listed.wait()
         with self._lock:
             if volume_id in self._todo:
                 del self._todo[volume_id]
@@ -83,6 +106,7 @@ class RecoveryQueue:
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
+            self._listed.set()  # no call waits for a listing that will not come
 
     @property
     def stopping(self) -> bool:
@@ -104,12 +128,22 @@ class RecoveryQueue:
 
 
 def run_in_background(
-    queue: RecoveryQueue, on_done: Callable[[int, float], None]
+    queue: RecoveryQueue,
+    on_done: Callable[[int, float], None],
+    list_volumes: Callable[[], Iterable[str]] | None = None,
 ) -> threading.Thread:
-    """Start the thread that empties ``queue``; ``on_done(recovered, seconds)`` at the end."""
+    """Start the thread that empties ``queue``; ``on_done(recovered, seconds)`` at the end.
+
+    With ``list_volumes`` (after ``queue.expect()``), the thread first lists the volumes and
+    loads them into the queue."""
 
     def work() -> None:
         started = time.monotonic()
+        if list_volumes is not None:
+            try:
+                queue.load(list_volumes())
+            finally:
+                queue.listed()
         queue.run()
         if queue.stopping:
             return
