@@ -222,6 +222,8 @@ class MountIds:
             return None
         mount: int = struct.unpack_from("=Q", buf, _STATX_MNT_ID_OFFSET)[0]
         return mount
+
+
 # <linux/magic.h>
 TMPFS_MAGIC = 0x01021994
 
