@@ -8,7 +8,8 @@ RUN_DIR ?= $(CURDIR)/run
 ENDPOINT ?= unix://$(RUN_DIR)/csi.sock
 METRICS_ADDRESS ?= 127.0.0.1:9402
 
-.PHONY: venv run test soak lint proto bench bench-quick demo image clean dashboard
+.PHONY: venv run test soak lint proto bench bench-quick demo image image-base image-local \
+	image-smoke clean dashboard
 
 venv: $(STAMP)
 
@@ -67,9 +68,33 @@ bench-quick: $(STAMP)
 
 IMAGE ?= ghcr.io/csi-cert-agent/cert-agent
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+PYTHON_IMAGE ?= python:3.11-slim-bookworm
+# Bases made here with debootstrap when no registry is reachable (deploy/image/make-base.sh).
+LOCAL_BASE ?= local/python:3.11-bookworm-minbase
+LOCAL_BUILDER ?= local/python:3.11-bookworm-build
 
+# With a registry: the official Python image, pulled fresh. Without one (docker pull fails):
+# the local bases (docs/image.md).
 image:
-	docker build --pull -t $(IMAGE):$(VERSION) .
+	@if docker pull -q $(PYTHON_IMAGE) >/dev/null 2>&1; then \
+		echo docker build --pull -t $(IMAGE):$(VERSION) .; \
+		docker build --pull -t $(IMAGE):$(VERSION) .; \
+	else \
+		echo "cannot pull $(PYTHON_IMAGE): building on the local bases (make image-local)"; \
+		$(MAKE) --no-print-directory image-local; \
+	fi
+
+image-base:
+	BASE_IMAGE=$(LOCAL_BASE) BUILDER_IMAGE=$(LOCAL_BUILDER) deploy/image/make-base.sh
+
+image-local:
+	docker image inspect $(LOCAL_BASE) $(LOCAL_BUILDER) >/dev/null 2>&1 || $(MAKE) image-base
+	docker build --network host --build-arg PYTHON_IMAGE=$(LOCAL_BASE) \
+		--build-arg BUILDER_IMAGE=$(LOCAL_BUILDER) -t $(IMAGE):$(VERSION) .
+
+# Run the built image for real: publish a volume through its socket, openssl, SIGTERM (root).
+image-smoke: $(STAMP)
+	deploy/image/smoke-test.sh $(IMAGE):$(VERSION)
 
 demo: $(STAMP)
 	$(BIN)/python -m agent.demo
