@@ -30,18 +30,20 @@ RUN /opt/tools/bin/python -m build --wheel --outdir /dist . \
  && python3 -m venv --without-pip /opt/cert-agent \
  && /opt/tools/bin/pip --python /opt/cert-agent/bin/python install --no-cache-dir --no-compile \
         --only-binary=:all: --constraint constraints.txt /dist/*.whl
-# Keep what runs: drop the dependencies' tests, type stubs and C sources, and the venv's
-# activation scripts; compile the bytecode once (a read-only root cannot cache it: every start
-# would compile again). The dependencies ship bytecode only (sourceless .pyc beside where the .py
-# was; their tracebacks name file and line of a pinned version); the agent keeps its sources, for
-# tracebacks with source lines. docs/image.md has the sizes and start-up times of each choice.
-# Absolute paths: the code objects name /opt/cert-agent/... in tracebacks. unchecked-hash: the
-# interpreter never stats a source to validate its .pyc.
+# Keep what runs: drop the dependencies' tests, type stubs and C sources, the venv's activation
+# scripts, and PyYAML's libyaml binding (2.7 MB the agent never calls: yaml.safe_load is the
+# pure-Python SafeLoader; tests/test_image.py keeps agent/ off the C loaders). Then compile the
+# bytecode once: a read-only root cannot cache it, so every start would compile again. The
+# dependencies ship bytecode only (sourceless .pyc where the .py was; their tracebacks still name
+# file and line of a pinned version); the agent keeps its sources, for tracebacks with source
+# lines. docs/image.md has the sizes and start-up times of each choice. Absolute paths: code
+# objects name /opt/cert-agent/... in tracebacks. unchecked-hash: no stat of a source per import.
 WORKDIR /opt/cert-agent/lib/python3.11/site-packages
 RUN find . -depth -type d -name tests -exec rm -rf {} + \
  && find . -type f \( -name '*.pyi' -o -name '*.pxd' -o -name '*.pyx' -o -name '*.c' \
         -o -name '*.h' -o -name py.typed \) -delete \
  && rm -f /opt/cert-agent/bin/activate* /opt/cert-agent/bin/Activate.ps1 \
+ && rm yaml/_yaml.cpython-*.so \
  && python3 -m compileall -q -j 0 -b -x '/site-packages/agent/' "$PWD" \
  && find . -name '*.py' -not -path './agent/*' -delete \
  && python3 -m compileall -q -j 0 --invalidation-mode unchecked-hash "$PWD/agent"

@@ -784,6 +784,9 @@ def render(
     add("")
     add("Run it as root to measure the mount mode (real bind mounts); otherwise the agent writes")
     add("files straight into the target and the document says so.")
+    add("")
+    add("The container image (its size beside the base image's, what is in it, its start-up to a")
+    add("serving socket) is measured with docker, outside `make bench`: [image.md](image.md).")
     return "\n".join(out) + "\n"
 
 

@@ -164,3 +164,16 @@ def test_the_image_scripts_parse() -> None:
         assert path.stat().st_mode & 0o111, f"{script} is not executable"
     base = (REPO / "deploy" / "image" / "make-base.sh").read_text()
     assert "--variant=minbase" in base
+
+
+def test_the_agent_never_uses_pyyamls_libyaml_binding() -> None:
+    """The image drops yaml/_yaml*.so: the agent must parse with the pure-Python loaders."""
+    c_names = re.compile(r"\bC(?:Safe|Full|Unsafe)?(?:Loader|Dumper|Parser|Emitter)\b|_yaml\b")
+    users = [
+        str(path.relative_to(REPO))
+        for path in sorted(AGENT.rglob("*.py"))
+        if "yaml" in path.read_text() and c_names.search(path.read_text())
+    ]
+    assert not users, users
+    builder = " ".join(stages(DOCKERFILE.read_text())[0])
+    assert "rm yaml/_yaml.cpython-*.so" in builder
