@@ -785,8 +785,10 @@ def render(
     add("Run it as root to measure the mount mode (real bind mounts); otherwise the agent writes")
     add("files straight into the target and the document says so.")
     add("")
+    image_doc = Path("docs/image.md")
     add("The container image (its size beside the base image's, what is in it, its start-up to a")
-    add("serving socket) is measured with docker, outside `make bench`: [image.md](image.md).")
+    add("serving socket) is measured with docker, outside `make bench`:")
+    add(f"[{image_doc}]({image_doc.name}).")
     return "\n".join(out) + "\n"
 
 
