@@ -21,11 +21,11 @@
 # python:3.11-slim-bookworm for both stages) needs none of this.
 #
 # Reproducible: the package set is fixed by the suite and the list below; pin the package versions
-# too with a snapshot mirror, e.g. MIRROR=http://snapshot.debian.org/archive/debian/20250520T000000Z
+# too with MIRROR= a snapshot of the archive (default: debootstrap's own mirror).
 set -eu
 
 SUITE=${SUITE:-bookworm}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+MIRROR=${MIRROR:-}
 BASE_IMAGE=${BASE_IMAGE:-local/python:3.11-bookworm-minbase}
 BUILDER_IMAGE=${BUILDER_IMAGE:-local/python:3.11-bookworm-build}
 # Only the builder needs these: ensurepip's pip and setuptools wheels for `python3 -m venv`.
@@ -38,7 +38,8 @@ work=$(mktemp -d /tmp/cert-agent-base.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
 
-debootstrap --variant=minbase --include=python3,python3-venv "$SUITE" "$root" "$MIRROR"
+# Without MIRROR, no mirror argument: debootstrap picks its default.
+debootstrap --variant=minbase --include=python3,python3-venv "$SUITE" "$root" ${MIRROR:+"$MIRROR"}
 
 # What a container never needs: package indexes and caches, logs, documentation (copyright files
 # stay: they are the licences), man and info pages, translations. Also a dpkg rule so that an
