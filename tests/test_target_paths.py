@@ -421,3 +421,15 @@ def test_openat2_and_the_walk_by_hand_agree(
         "parent-exists",
     ]
     assert by_hand[0][1] == good.parent.stat().st_ino
+
+
+def test_check_remembers_only_targets_that_pass() -> None:
+    """check() is pure, so a publish's second check of its target is a lookup; a target that
+    breaks a rule is refused every time, with its rule."""
+    policy = TargetPolicy(KUBELET, KUBELET / "plugins" / "csi.cert-agent.io" / "data")
+    assert policy.check(GOOD) is policy.check(GOOD)
+    bad = GOOD.replace("/tls/", "/../")
+    for _ in range(2):
+        assert rule_of(lambda: policy.check(bad)) == "no-dotdot"
+    equal = TargetPolicy(KUBELET, KUBELET / "plugins" / "csi.cert-agent.io" / "data")
+    assert equal == policy  # the memory is not part of the policy's identity

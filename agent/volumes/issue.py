@@ -85,7 +85,15 @@ class Issuing(ManagerCore):
                     self.store.save(meta)
                     attempt.step = None
                     self.metrics.set_managed_volumes(self.store.count())
-                key = self._select_key(meta, spec, "issue", attempt)
+                # A volume new to the local CA has no pending key to look for (nothing of it
+                # is on disk yet).
+                key = self._select_key(
+                    meta,
+                    spec,
+                    "issue",
+                    attempt,
+                    look_for_pending=not (new and spec.issuer.is_local),
+                )
                 issued = self._issue(meta, issue_spec, pod, key, attempt)
                 self._commit(meta, spec, pod, key, issued, attempt, bundle, ips)
                 if new and spec.issuer.is_local:
@@ -124,12 +132,18 @@ class Issuing(ManagerCore):
         self.metrics.set_managed_volumes(self.store.count())
 
     def _select_key(
-        self, meta: VolumeMeta, spec: CertificateSpec, operation: str, attempt: Attempt
+        self,
+        meta: VolumeMeta,
+        spec: CertificateSpec,
+        operation: str,
+        attempt: Attempt,
+        *,
+        look_for_pending: bool = True,
     ) -> PrivateKey:
         """A pending key (a retry of an unfinished request), the current key, or a new one."""
         attempt.step = STORAGE
         # A local-CA volume never has one (see below), unless an older agent left it.
-        pending = self.store.load_pending_key(meta.volume_id)
+        pending = self.store.load_pending_key(meta.volume_id) if look_for_pending else None
         if pending is not None:
             attempt.pending_key = True  # used or not, the commit removes it
             key = load_private_key(pending)

@@ -51,6 +51,9 @@ TARGET_DIR_MODE = 0o750
 _WALK_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
 
+_PASSED_MAX = 4096
+
+
 def _show(raw: str) -> str:
     return repr(shorten(raw))
 
@@ -120,6 +123,10 @@ class TargetPolicy:
     # The same as strings, with the kubelet roots' component counts, for the checks.
     _root_strs: tuple[tuple[str, int], ...] = field(init=False, repr=False, compare=False)
     _data_root_strs: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # Targets that passed check() (it is pure): a publish checks its target twice.
+    _passed: dict[str, PurePosixPath] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         def spellings(path: Path) -> tuple[PurePosixPath, ...]:
@@ -142,6 +149,16 @@ class TargetPolicy:
 
     def check(self, raw: str) -> PurePosixPath:
         """The canonical target, or INVALID_ARGUMENT naming the rule it breaks (pure)."""
+        passed = self._passed.get(raw)
+        if passed is not None:
+            return passed
+        checked = self._check(raw)
+        if len(self._passed) >= _PASSED_MAX:
+            self._passed.clear()  # a bound, not an LRU: refilled by the next calls
+        self._passed[raw] = checked
+        return checked
+
+    def _check(self, raw: str) -> PurePosixPath:
         target_parts = _canonical_parts(raw)
         target = _joined(target_parts)
         relative = self._relative(target, target_parts)
