@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
     from agent.observe.logs import configure_logging
     from agent.observe.startup import TIMELINE
 
-    TIMELINE.mark("cli imports")
+    TIMELINE.mark("imports: cli, grpc, yaml, cryptography.x509")
     try:
         config = resolve(args)
         configure_logging(config.log_level, config.log_format)
@@ -151,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     TIMELINE.mark("configuration")
     from agent.server import serve
 
-    TIMELINE.mark("agent imports")
+    TIMELINE.mark("imports: agent, prometheus_client, protobuf")
 
     code = serve(config)
     # The agent has stopped and said so. A CSI call or renewal still waiting on an issuer would

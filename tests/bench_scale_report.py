@@ -519,8 +519,8 @@ def _render_restart(add: Callable[[str], None], report: ScaleReport) -> None:
     add("volume is recovered (metadata read, payload checked, bind verified or re-bound, renewal")
     add("scheduled). *Binds removed*: every target was unmounted while the agent was down (1 s")
     add("before its start), so all of them are re-bound. The agent's modules were byte-compiled")
-    add("first, as the image does")
-    add("(with `PYTHONDONTWRITEBYTECODE` set, each start would otherwise compile them anew).")
+    add("first, as the image does (with `PYTHONDONTWRITEBYTECODE` set, each start would otherwise")
+    add("compile them anew).")
     add("")
     add(
         "| start | Probe ready ms | all recovered ms | µs per volume | volumes recovered "
