@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.config_checks import build_config
 from agent.config_model import AgentConfig, ConfigError, NodeCAConfig, socket_path_from_endpoint
 from agent.config_settings import (
@@ -96,6 +94,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
 def _read_config_file(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
+    import yaml  # only with a config file or a YAML setting (a start without one skips it)
+
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
@@ -137,11 +137,20 @@ def _convert(setting: Setting, value: Any, source: str) -> Any:
             return seconds
         if setting.kind == "yaml":
             # A mapping from the config file as is; from a flag or env as YAML (or JSON) text.
-            return yaml.safe_load(value) if isinstance(value, str) else value
+            return _yaml_value(value) if isinstance(value, str) else value
         if setting.kind == "list":
             items = value if isinstance(value, list) else [value]
             parts = [p for i in items for p in str(i).split(",")]
             return [p.strip() for p in parts if p.strip()]
         return str(value)
-    except (ValueError, TypeError, yaml.YAMLError) as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"{source}: invalid value {value!r}: {exc}") from exc
+
+
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from exc

@@ -6,6 +6,8 @@ engine; requests built from volume attributes go through the agent's own attribu
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -148,6 +150,32 @@ def test_denial_names_the_rule_the_value_and_what_is_allowed() -> None:
 def test_a_pod_without_a_service_account_gets_no_spiffe_id() -> None:
     req = request(sa="", uris=("spiffe://cluster.local/ns/team-a/sa/",))
     assert verdict(default_policy(), req) == "denied"
+
+
+def test_the_default_policy_is_what_its_yaml_says() -> None:
+    # Built from a Python copy of the document (a start then needs no YAML parser): the copy,
+    # the policy and its fingerprint are those of DEFAULT_POLICY_YAML.
+    import yaml
+
+    from agent.pki.policy_loader import _DEFAULT_POLICY_DOCUMENT, DEFAULT_SOURCE
+
+    assert yaml.safe_load(DEFAULT_POLICY_YAML) == _DEFAULT_POLICY_DOCUMENT
+    for domains in ({}, {"cluster_domain": "corp.example", "trust_domain": "prod.example.org"}):
+        built = default_policy(**domains)
+        parsed = load_policy_text(DEFAULT_POLICY_YAML, DEFAULT_SOURCE, **domains)
+        assert built == parsed and built.sha256 == parsed.sha256
+    assert default_policy() == default_policy()  # the shared document is not changed by a load
+
+
+def test_a_standalone_start_imports_no_yaml_parser() -> None:
+    code = (
+        "import sys, agent.cli, agent.server\n"
+        "from agent.pki.policy_reload import PolicySource\n"
+        "PolicySource(None)\n"
+        "assert 'yaml' not in sys.modules, 'yaml imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_shipped_documents_state_the_built_in_default() -> None:

@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent.pki.policy import (
     DEFAULT_KEYS,
     SUBJECT_FIELDS,
@@ -52,6 +50,28 @@ rules:
         - "**.${POD_NAMESPACE}.svc"
         - "**.${POD_NAMESPACE}.svc.${CLUSTER_DOMAIN}"
 """
+
+# What DEFAULT_POLICY_YAML parses to (tests/test_policy.py holds the two equal).
+_DEFAULT_POLICY_DOCUMENT: dict[str, Any] = {
+    "rules": [
+        {
+            "name": "default",
+            "namespaces": ["*"],
+            "dns-names": [
+                "**.${POD_NAMESPACE}.svc",
+                "**.${POD_NAMESPACE}.svc.${CLUSTER_DOMAIN}",
+                "${POD_NAME}.${POD_NAMESPACE}.pod.${CLUSTER_DOMAIN}",
+            ],
+            "uri-sans": ["spiffe://${TRUST_DOMAIN}/ns/${POD_NAMESPACE}/sa/${SERVICE_ACCOUNT_NAME}"],
+            "subject": {
+                "common-name": [
+                    "**.${POD_NAMESPACE}.svc",
+                    "**.${POD_NAMESPACE}.svc.${CLUSTER_DOMAIN}",
+                ]
+            },
+        }
+    ]
+}
 
 _RULE_KEYS = frozenset(
     {
@@ -89,7 +109,14 @@ def settings_values(cluster_domain: str, trust_domain: str) -> dict[str, str]:
 def default_policy(
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN, trust_domain: str = DEFAULT_TRUST_DOMAIN
 ) -> Policy:
-    return load_policy_text(DEFAULT_POLICY_YAML, DEFAULT_SOURCE, cluster_domain, trust_domain)
+    # From the document DEFAULT_POLICY_YAML parses to (a test holds them equal): every start
+    # loads the default policy, and importing yaml for it was a few percent of the start.
+    return _policy_from_document(
+        _DEFAULT_POLICY_DOCUMENT,
+        DEFAULT_POLICY_YAML.encode("utf-8"),
+        DEFAULT_SOURCE,
+        settings_values(cluster_domain, trust_domain),
+    )
 
 
 def load_policy_file(
@@ -110,12 +137,20 @@ def load_policy_text(
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
     trust_domain: str = DEFAULT_TRUST_DOMAIN,
 ) -> Policy:
+    import yaml  # a policy file only: the default policy needs no YAML parser
+
     raw = text.encode("utf-8") if isinstance(text, str) else text
     settings = settings_values(cluster_domain, trust_domain)
     try:
         document = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise PolicyError(f"{source} is not valid YAML: {exc}") from exc
+    return _policy_from_document(document, raw, source, settings)
+
+
+def _policy_from_document(
+    document: Any, raw: bytes, source: str, settings: dict[str, str]
+) -> Policy:
     if not isinstance(document, dict):
         raise PolicyError(f"{source} must be a mapping with a 'rules' list")
     unknown = sorted(str(k) for k in document if k not in ("rules", "version"))
