@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
     from agent.observe.logs import configure_logging
     from agent.observe.startup import TIMELINE
 
-    TIMELINE.mark("imports: cli, grpc, yaml, cryptography.x509")
+    TIMELINE.mark("imports: cli, grpc, cryptography.x509")
     try:
         config = resolve(args)
         configure_logging(config.log_level, config.log_format)

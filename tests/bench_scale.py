@@ -237,7 +237,11 @@ class ScaleFleet:
         self.dir = tmp / "scale"
         self.dir.mkdir()
         self.kubelet = self.dir / "kubelet"
-        self.args = ("--tmpfs-size", str(TMPFS_MIB), "--grpc-workers", "8")
+        # Settings from a --config file, as the DaemonSet gives them (deploy/base/config.yaml),
+        # so a start here parses YAML as a deployed agent's does.
+        config = self.dir / "config.yaml"
+        config.write_text(f"tmpfs-size: {TMPFS_MIB}\ngrpc-workers: 8\n")
+        self.args = ("--config", str(config))
         self.agent = AgentProcess(self.dir, *self.args)
         self.pods: list[Pod] = []
 

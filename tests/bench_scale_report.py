@@ -441,8 +441,9 @@ def _probe_bound(restarts: Sequence[RestartSample], probe: float) -> str:
         f"number of volumes: the socket serves before any volume is recovered. Of the median "
         f"start, {before:.0f} ms is exec and interpreter start, {imports:.0f} ms importing "
         f"modules (grpc with asyncio and ssl, protobuf and the CSI bindings, cryptography, "
-        f"prometheus_client, yaml, the agent's own) and {rest:.0f} ms everything else until "
-        f"the socket serves (configuration, the metrics port, the data root's tmpfs found from "
+        f"prometheus_client, the agent's own) and {rest:.0f} ms everything else until "
+        f"the socket serves (configuration from a --config file as deployed, with the YAML "
+        f"parser's import, the metrics port, the data root's tmpfs found from "
         f"two descriptors, the CA, the manager, the gRPC server; table in section 11){latency}. "
         f"What is left is Python's import time: the next step would be importing the "
         f"publish path after the socket serves, or a smaller runtime than grpcio."
@@ -520,7 +521,9 @@ def _render_restart(add: Callable[[str], None], report: ScaleReport) -> None:
     add("scheduled). *Binds removed*: every target was unmounted while the agent was down (1 s")
     add("before its start), so all of them are re-bound. The agent's modules were byte-compiled")
     add("first, as the image does (with `PYTHONDONTWRITEBYTECODE` set, each start would otherwise")
-    add("compile them anew).")
+    add(
+        "compile them anew), and it reads its settings from a `--config` file, as the DaemonSet does."
+    )
     add("")
     add(
         "| start | Probe ready ms | all recovered ms | µs per volume | volumes recovered "

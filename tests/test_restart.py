@@ -92,7 +92,7 @@ def test_restart_keeps_volumes_and_certificates(agent_process: object, tmp_path:
     (serving,) = [json.loads(line) for line in log.splitlines() if '"agent serving"' in line]
     steps = serving["startup_ms"]
     assert list(steps)[:3] == [
-        "imports: cli, grpc, yaml, cryptography.x509",
+        "imports: cli, grpc, cryptography.x509",
         "configuration",
         "imports: agent, prometheus_client, protobuf",
     ]
