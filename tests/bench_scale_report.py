@@ -521,9 +521,7 @@ def _render_restart(add: Callable[[str], None], report: ScaleReport) -> None:
     add("scheduled). *Binds removed*: every target was unmounted while the agent was down (1 s")
     add("before its start), so all of them are re-bound. The agent's modules were byte-compiled")
     add("first, as the image does (with `PYTHONDONTWRITEBYTECODE` set, each start would otherwise")
-    add(
-        "compile them anew), and it reads its settings from a `--config` file, as the DaemonSet does."
-    )
+    add("compile them anew); it reads its settings from a `--config` file, as the DaemonSet does.")
     add("")
     add(
         "| start | Probe ready ms | all recovered ms | µs per volume | volumes recovered "
