@@ -905,9 +905,9 @@ def _interpretation(latency: LatencyResults, fleet: FleetResults) -> str:
         + (
             "holds: what the agent spends idle does not grow with its volumes (one scheduler "
             "thread sleeping on a heap until the earliest due time, no per-volume timers). "
-            "Its idle wakeups come from the gRPC server and the metrics HTTP server (which "
-            "polls its socket twice a second), present with no volumes too; the ticker's "
-            "wakeups grow by one per volume per second."
+            "Its idle wakeups come from the gRPC server's own threads, present with no "
+            "volumes too (the metrics and status servers sleep until a client connects); "
+            "the ticker's wakeups grow by one per volume per second."
             if holds
             else "does not hold in this run: the agent with volumes spent clearly more idle "
             "CPU than the one without (see the table); investigate before repeating it."

@@ -22,6 +22,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from agent.observe.prompt_shutdown import PromptShutdownMixin
+
 log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], tuple[bool, str]]
@@ -49,7 +51,7 @@ def parse_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-class _Server(HTTPServer):
+class _Server(PromptShutdownMixin, HTTPServer):
     # A restarted agent must rebind at once even with connections in TIME_WAIT.
     allow_reuse_address = True
     request_queue_size = LISTEN_BACKLOG

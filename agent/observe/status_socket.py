@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.observe.prompt_shutdown import PromptShutdownMixin
+
 log = logging.getLogger(__name__)
 
 STATUS_SOCKET = "status.sock"
@@ -46,7 +48,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     break
 
 
-class _Server(socketserver.ThreadingUnixStreamServer):
+class _Server(PromptShutdownMixin, socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
     def __init__(self, path: str, snapshot: Snapshot) -> None:
