@@ -41,9 +41,11 @@ class AgentParts(AgentBase):
                 self._rollback.append(lambda: self.mounter.unmount_tmpfs(volumes))
             self.mounter.ensure_tmpfs(volumes, self.config.tmpfs_size_bytes)
         elif not self.config.standalone:
+            reason = getattr(self.mounter, "reason", "no mount privilege")
             raise RuntimeError(
-                "the agent cannot mount (it needs root and CAP_SYS_ADMIN: run the container "
-                "privileged); only --standalone may run without mounts"
+                f"the agent cannot mount ({reason}); it needs root, CAP_SYS_ADMIN (run the "
+                "container privileged) and a writable temporary directory ($TMPDIR or /tmp) "
+                "for its mount probe; only --standalone may run without mounts"
             )
         else:
             log.warning(

@@ -7,6 +7,7 @@ import errno
 import os
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -383,3 +384,28 @@ class TestLinuxMounter:
         m = LinuxMounter()
         assert m.is_tmpfs(tmpfs) and m.is_tmpfs(stacked)
         assert not m.is_tmpfs(plain) and not m.is_tmpfs(bound)
+
+
+def test_a_failed_mount_probe_names_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root with no writable temporary directory cannot probe: the reason travels with the
+    NoMounter, so a cluster-mode start says what is wrong instead of 'needs root'."""
+    missing = tmp_path / "no-such-tmp"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(missing))
+    mounter = detect_mounter()
+    assert isinstance(mounter, NoMounter)
+    assert f"cannot make a probe directory in {missing}" in mounter.reason
+
+
+def test_a_cluster_mode_start_without_mounts_fails_naming_the_reason(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from agent.server import Agent
+    from tests.conftest import make_config
+
+    config = replace(make_config(tmp_path), standalone=False)
+    agent = Agent(config, mounter=NoMounter("a probe tmpfs mount failed: [Errno 1] EPERM"))
+    with pytest.raises(RuntimeError, match=r"cannot mount \(a probe tmpfs mount failed"):
+        agent.start()

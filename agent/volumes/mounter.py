@@ -333,6 +333,10 @@ class NoMounter:
 
     can_mount = False
 
+    def __init__(self, reason: str = "not running as root") -> None:
+        # Why mounting is off, for the start-up error of a mode that needs it.
+        self.reason = reason
+
     def ensure_tmpfs(self, path: Path, size_bytes: int) -> None:
         raise FailedPrecondition(
             f"cannot mount a tmpfs at {path}: the agent has no mount privilege "
@@ -365,19 +369,19 @@ def detect_mounter() -> Mounter:
     """LinuxMounter when running as root and a probe tmpfs mount works, else NoMounter."""
     if os.geteuid() != 0:
         log.info("not running as root: payloads are written directly, without mounts")
-        return NoMounter()
+        return NoMounter("not running as root")
     try:
         libc = Libc()
         probe = tempfile.mkdtemp(prefix=".cert-agent-mount-probe-")
     except OSError as exc:
         log.warning("cannot probe mount support (%s): payloads are written directly", exc)
-        return NoMounter()
+        return NoMounter(f"cannot make a probe directory in {tempfile.gettempdir()}: {exc}")
     try:
         libc.mount("tmpfs", probe, "tmpfs", SAFE_FLAGS, "size=4k,mode=0700")
         libc.umount2(probe, MNT_DETACH)
     except OSError as exc:
         log.warning("mounting is not permitted (%s): payloads are written directly", exc)
-        return NoMounter()
+        return NoMounter(f"a probe tmpfs mount failed: {exc}")
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(probe)
