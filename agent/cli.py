@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,15 @@ import grpc
 from agent import __version__
 from agent.config import DEFAULT_ENDPOINT, ConfigError, add_serve_arguments, resolve
 
-# uuid5 namespace of the UIDs `publish` makes up for its targets (any fixed UUID would do).
-_POD_UID_NAMESPACE = uuid.UUID("6f1d2c9e-8a4b-5e3f-9c7d-2b1a0e4f6d83")
+# uuid5 namespace of the UIDs `publish` makes up for its targets (any fixed UUID would do). Kept
+# as text: `serve` has no use for the uuid module (and its import of platform) before it serves.
+_POD_UID_NAMESPACE = "6f1d2c9e-8a4b-5e3f-9c7d-2b1a0e4f6d83"
+
+
+def _stable_uid(name: str) -> str:
+    import uuid
+
+    return str(uuid.uuid5(uuid.UUID(_POD_UID_NAMESPACE), name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +232,7 @@ def _default_pod_uid(target: Path) -> str:
     """A stable stand-in for the pod's UID, as kubelet's is for one pod: the same target always
     gives the same UID (and so the same volume attributes), so a repeated publish is idempotent
     instead of ALREADY_EXISTS."""
-    return str(uuid.uuid5(_POD_UID_NAMESPACE, str(target)))
+    return _stable_uid(str(target))
 
 
 def _make_parents(target: Path) -> list[Path]:
@@ -270,7 +276,7 @@ def _policy_check(args: argparse.Namespace) -> int:
         print(f"cert-agent: invalid policy: {exc}", file=sys.stderr)
         return 2
     # A stable stand-in UID (only ${POD_UID} patterns see it), as `publish` makes one.
-    uid = args.pod_uid or str(uuid.uuid5(_POD_UID_NAMESPACE, f"{args.namespace}/{args.pod_name}"))
+    uid = args.pod_uid or _stable_uid(f"{args.namespace}/{args.pod_name}")
     pod = PodIdentity(args.pod_name, args.namespace, uid, args.service_account)
     try:
         context = pod_volume_context(pod, attributes)

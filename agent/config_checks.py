@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config_model import AgentConfig, ConfigError, NodeCAConfig, socket_path_from_endpoint
 from agent.pki.name_constraints import ConstraintError, PermittedNames
-from agent.spec.pcr import PcrConfigError, parse_signers
+
+if TYPE_CHECKING:
+    from agent.spec.pcr import PcrSignerConfig
 
 # CSI GetPluginInfo: at most 63 characters, alphanumeric at both ends, dashes and dots between.
 _DRIVER_NAME_RE = re.compile(r"(?=.{1,63}$)[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
@@ -90,15 +92,7 @@ def build_config(raw: dict[str, Any]) -> AgentConfig:
                 f"--{flag} {raw[flag]!r} must be a lower-case DNS name such as cluster.local"
             )
     node_ca = _node_ca(raw, standalone)
-    try:
-        pcr_signers = parse_signers(
-            raw["pcr-signer-name"] or [],
-            raw["pcr-signers"],
-            raw["cluster-domain"].strip(".").lower(),
-            raw["trust-domain"],
-        )
-    except PcrConfigError as exc:
-        raise ConfigError(str(exc)) from exc
+    pcr_signers = _pcr_signers(raw)
     if pcr_signers and standalone:
         raise ConfigError("--pcr-signer-name needs Kubernetes access; drop --standalone")
     if raw["pcr-publish-trust-bundle"] and not pcr_signers:
@@ -161,6 +155,22 @@ _NODE_CA_FLAGS = (
     "node-ca-permitted-email",
     "node-ca-permitted-ip",
 )
+
+
+def _pcr_signers(raw: dict[str, Any]) -> tuple[PcrSignerConfig, ...]:
+    if not raw["pcr-signer-name"] and raw["pcr-signers"] in (None, "", {}):
+        return ()  # without a signer, its modules are not imported (a share of the start)
+    from agent.spec.pcr import PcrConfigError, parse_signers
+
+    try:
+        return parse_signers(
+            raw["pcr-signer-name"] or [],
+            raw["pcr-signers"],
+            raw["cluster-domain"].strip(".").lower(),
+            raw["trust-domain"],
+        )
+    except PcrConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _node_ca(raw: dict[str, Any], standalone: bool) -> NodeCAConfig | None:

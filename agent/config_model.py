@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config_settings import DEFAULT_KUBELET_ROOT
 from agent.pki.name_constraints import PermittedNames
-from agent.spec.pcr import PcrSignerConfig
+
+if TYPE_CHECKING:  # only a PodCertificateRequest signer's start imports it
+    from agent.spec.pcr import PcrSignerConfig
 
 
 class ConfigError(ValueError):

@@ -57,3 +57,82 @@ def test_the_agent_starts_without_importing_the_kubernetes_client() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+# Modules a standalone agent has no use for before its socket serves (each was imported by the
+# start once, a share of the time until `Probe` answers): `uuid` (only `publish`/`policy check`
+# make up UIDs; it pulls in `platform`), `ctypes.util` (its find_library ran ldconfig as a child
+# process for every libc handle), the PodCertificateRequest signer's settings, the other modes'
+# issuers and the Kubernetes client, the CLI's client side.
+NOT_IMPORTED_BEFORE_SERVING = (
+    "uuid",
+    "ctypes.util",
+    "kubernetes",
+    "urllib3",
+    "agent.spec.pcr",
+    "agent.pki.pcr_leaf",
+    "agent.issuers.pcr_service",
+    "agent.issuers.certmanager",
+    "agent.issuers.node_ca",
+    "agent.issuers.secret_ca",
+    "agent.kube.rest",
+    "agent.kube.informer",
+    "agent.client",
+    "agent.status_view",
+    "agent.demo",
+)
+
+_START_AND_LIST_MODULES = """
+import json, sys
+from agent.cli import build_parser
+from agent.config import resolve
+config = resolve(build_parser().parse_args(sys.argv[1:]))
+from agent.server import Agent
+agent = Agent(config)
+agent.start()
+loaded = sorted(sys.modules)
+agent.stop()
+print(json.dumps(loaded))
+"""
+
+
+def test_a_standalone_start_imports_only_what_serving_needs(tmp_path: Path) -> None:
+    """A standalone agent started as deployed (settings from a --config file) until it serves,
+    in its own process: the modules it loaded by then leave out every one above."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+
+    config = tmp_path / "config.yaml"
+    config.write_text("tmpfs-size: 16\ngrpc-workers: 8\n")
+    args = [
+        "serve",
+        "--standalone",
+        "--endpoint",
+        f"unix://{tmp_path}/csi/csi.sock",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--kubelet-root",
+        str(tmp_path / "kubelet"),
+        "--node-id",
+        "node-1",
+        "--metrics-address",
+        f"127.0.0.1:{free_port()}",
+        "--config",
+        str(config),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", _START_AND_LIST_MODULES, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    loaded = set(json.loads(result.stdout.splitlines()[-1]))
+    assert {"grpc", "agent.volumes.manager", "yaml"} <= loaded  # it did start, from the file
+    heavy = {
+        m for m in loaded if m in NOT_IMPORTED_BEFORE_SERVING or m.split(".")[0] == "kubernetes"
+    }
+    assert heavy == set()

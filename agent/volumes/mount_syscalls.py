@@ -7,7 +7,6 @@ attached; ``_Libc`` says whether the kernel has them.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -94,11 +93,18 @@ class _MountAttr(ctypes.Structure):
     ]
 
 
+def load_libc() -> ctypes.CDLL:
+    """The C library, for the calls the os module lacks: dlopen(NULL), the process's own symbols
+    (libc's among them). ``ctypes.util.find_library("c")`` found the same library by running
+    ldconfig, a child process of ~2 ms on every call, three of them before the socket served."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
 class Libc:
     """mount(2), umount2(2) and the new mount API via ctypes; errors are OSError with errno."""
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib = load_libc()
         self._mount = lib.mount
         self._mount.argtypes = [
             ctypes.c_char_p,
@@ -199,7 +205,7 @@ class MountIds:
     or libc cannot say (the caller then reads /proc/self/fdinfo)."""
 
     def __init__(self) -> None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib = load_libc()
         self._statx = getattr(lib, "statx", None)
         if self._statx is not None:
             self._statx.argtypes = [
@@ -239,7 +245,7 @@ def fs_magic(fd: int) -> int:
     """
     global _fstatfs
     if _fstatfs is None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        lib = load_libc()
         _fstatfs = lib.fstatfs
         _fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
         _fstatfs.restype = ctypes.c_int

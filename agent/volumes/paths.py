@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -41,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import ClassVar
 
 from agent.errors import Internal, InvalidArgument, shorten
+from agent.volumes.mount_syscalls import load_libc
 
 # <linux/limits.h>: PATH_MAX counts the terminating NUL; NAME_MAX is per component, in bytes.
 PATH_MAX = 4096
@@ -267,7 +267,7 @@ def _beneath(dir_fd: int, parts: tuple[str, ...]) -> int | None:
     if _OPENAT2 is False or not parts:
         return None
     if _LIBC is None:
-        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _LIBC = load_libc()
         _LIBC.syscall.restype = ctypes.c_long
     how = _OpenHow(_WALK_FLAGS & ~os.O_NOFOLLOW, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
     fd = _LIBC.syscall(
