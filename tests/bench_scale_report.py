@@ -453,8 +453,13 @@ def _probe_bound(restarts: Sequence[RestartSample], probe: float) -> str:
         f"the socket serves (configuration from a --config file as deployed, with the YAML "
         f"parser's import, the metrics port, the data root's tmpfs found from "
         f"two descriptors, the CA, the manager, the gRPC server; table in section 11){latency}. "
-        f"What is left is Python's import time: the next step would be importing the "
-        f"publish path after the socket serves, or a smaller runtime than grpcio."
+        f"The imports run with the cyclic garbage collector paused (it resumes once they are "
+        f"in, their objects frozen: collecting over them as they piled up took ~8% of a start), "
+        f"and a standalone start imports no other mode's modules. What is left is Python's "
+        f"import time, about a third of it grpc's (asyncio, ssl and grpc.aio come with it), "
+        f"a quarter the agent's own modules, where building ~30 dataclasses is ~40% of it "
+        f"(Python 3.11 compiles each generated method on its own): the next steps would be "
+        f"importing the publish path after the socket serves, or a smaller runtime than grpcio."
     )
 
 
