@@ -59,8 +59,9 @@ def test_the_loop_never_polls_and_shutdown_wakes_it(
     server.server_close()
     # socketserver's own loop calls select(0.5) over and over while idle; this one only blocks.
     assert recorded and all(timeout is None for timeout in recorded)
-    # Three connections and the wake-up: nothing else woke the loop.
-    assert len(recorded) == 4
+    # One wake per connection, plus the wake-up byte unless the stop was already requested
+    # when the third connection's handler returned: nothing else woke the loop.
+    assert 3 <= len(recorded) <= 4
 
 
 def test_shutdown_before_the_loop_runs_returns_and_the_loop_then_exits(tmp_path: Path) -> None:
