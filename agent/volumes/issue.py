@@ -12,7 +12,6 @@ import logging
 import time
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from agent.errors import (
     AgentError,
@@ -350,9 +349,9 @@ def payload_files(
 
 def check_issued_for_key(issued: IssuedCertificate, key: PrivateKey) -> None:
     """Never publish a certificate that does not belong to the key we hold."""
-    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
-    enc = serialization.Encoding.DER
-    if issued.leaf.public_key().public_bytes(enc, fmt) != key.public_key().public_bytes(enc, fmt):
+    # Key equality compares the key material itself (OpenSSL's EVP_PKEY_eq), without encoding
+    # both keys first; keys of different types are never equal.
+    if issued.leaf.public_key() != key.public_key():
         raise IssuanceFailed(
             "the issuer returned a certificate for a different key", reason="key_mismatch"
         )

@@ -7,7 +7,6 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import Internal
@@ -18,15 +17,29 @@ PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIR_MODE = 0o700
 
 
-@contextlib.contextmanager
-def open_nofollow(
-    path: str | Path, flags: int, mode: int = 0o777, dir_fd: int | None = None
-) -> Iterator[int]:
-    fd = os.open(path, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+class open_nofollow:  # named as the function it replaced: ``with open_nofollow(...) as fd``
+    """A descriptor opened on entry (close-on-exec) and closed on exit.
+
+    A class rather than a ``@contextmanager`` generator: it is entered about a dozen times per
+    publish, and a generator-based manager costs several times more per use."""
+
+    __slots__ = ("_dir_fd", "_fd", "_flags", "_mode", "_path")
+
+    def __init__(
+        self, path: str | Path, flags: int, mode: int = 0o777, dir_fd: int | None = None
+    ) -> None:
+        self._path = path
+        self._flags = flags | os.O_CLOEXEC
+        self._mode = mode
+        self._dir_fd = dir_fd
+        self._fd = -1
+
+    def __enter__(self) -> int:
+        self._fd = os.open(self._path, self._flags, self._mode, dir_fd=self._dir_fd)
+        return self._fd
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)
 
 
 def read_all(fd: int) -> bytes:

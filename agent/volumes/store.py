@@ -73,6 +73,9 @@ PENDING_KEY_FILE = "pending.key"
 PAYLOAD_DIR = "data"
 
 
+_PAYLOAD_DIRS_MAX = 1024
+
+
 class VolumeStore:
     """Per-volume metadata and pending keys under ``data_root/volumes/<volume_id>/``."""
 
@@ -82,6 +85,9 @@ class VolumeStore:
         # Paths below it are plain strings: built several times per publish, pathlib's parsing
         # showed in its profile.
         self._volumes_str = str(self._volumes)
+        # payload_dir() answers, by volume id: a publish asks twice (payload write, bind) and
+        # each Path costs a pathlib parse. A bound, not an LRU: cleared when full.
+        self._payload_dirs: dict[str, Path] = {}
         # Ids of volumes with metadata, counted once from disk and then kept up to date by save
         # and remove: the gauge is set on every publish and unpublish, and listing the directory
         # each time made both grow with the number of volumes.
@@ -196,7 +202,14 @@ class VolumeStore:
             self._volumes_with_meta().add(meta.volume_id)
 
     def payload_dir(self, volume_id: str) -> Path:
-        return Path(f"{self._volume_dir(volume_id)}/{PAYLOAD_DIR}")
+        known = self._payload_dirs.get(volume_id)
+        if known is not None:
+            return known  # the id was validated when it was added
+        path = Path(f"{self._volume_dir(volume_id)}/{PAYLOAD_DIR}")
+        if len(self._payload_dirs) >= _PAYLOAD_DIRS_MAX:
+            self._payload_dirs.clear()
+        self._payload_dirs[volume_id] = path
+        return path
 
     def remove(self, volume_id: str) -> None:
         """Delete everything the store holds for the volume; idempotent.
