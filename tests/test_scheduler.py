@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -396,8 +397,10 @@ def test_idle_scheduler_sleeps_until_the_earliest_due_time(
     for i in range(1000):
         scheduler.schedule(f"v{i}", far + i)
     assert scheduler.pending() == 1000
-    # The thread is asleep, waiting for the earliest of the 1000 (an internal field).
-    wait_until(lambda: scheduler._sleep_until == far)
+    # The thread is asleep, waiting for the earliest of the 1000, its sleep capped at
+    # max_sleep_seconds (an internal field: finite while it sleeps on a deadline).
+    wait_until(lambda: 0 < scheduler._sleep_until < math.inf)
+    assert scheduler._sleep_until <= far
     before = scheduler.wakeups
     assert before <= 1  # at most the first schedule() woke it
     time.sleep(0.5)
@@ -409,6 +412,36 @@ def test_idle_scheduler_sleeps_until_the_earliest_due_time(
     assert ran.wait(WAIT)
     assert calls == ["soon"]
     assert scheduler.pending() == 1000
+
+
+def test_a_due_time_after_the_next_look_does_not_wake_the_thread(
+    schedulers: list[RenewalScheduler],
+) -> None:
+    """A new volume's renewal, weeks away, costs its publish no wake-up of the thread: the
+    thread looks again by the end of its capped sleep anyway. An earlier one still wakes it."""
+    clock = FakeClock(0.0)
+    calls: list[str] = []
+    scheduler = RenewalScheduler(lambda volume_id: calls.append(volume_id), clock=clock)
+    scheduler.max_sleep_seconds = 50.0  # real seconds the thread may sleep; the test waits less
+    schedulers.append(scheduler)
+    scheduler.start()
+    scheduler.schedule("a", 100.0)
+    wait_until(lambda: scheduler._sleep_until == 50.0)  # capped: it looks again at 50
+    before = scheduler.wakeups
+
+    scheduler.schedule("b", 60.0)  # after its next look: no notify
+    time.sleep(0.2)
+    assert scheduler.wakeups == before
+    assert scheduler._sleep_until == 50.0
+
+    scheduler.schedule("c", 40.0)  # before it: woken at once, now sleeping until 40
+    wait_until(lambda: scheduler._sleep_until == 40.0)
+    assert scheduler.wakeups == before + 1
+
+    clock.advance(100.0)
+    scheduler.wake()
+    wait_until(lambda: len(calls) == 3)
+    assert sorted(calls) == ["a", "b", "c"]  # nothing lost: all three ran once due
 
 
 def test_stop_waits_for_running_renewals_and_dispatches_nothing_more() -> None:

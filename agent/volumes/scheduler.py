@@ -267,9 +267,12 @@ class RenewalScheduler:
             self._sleep_until = -math.inf
 
     def _wait(self, until: float, seconds: float | None = None) -> None:
-        self._sleep_until = until
         # Nothing scheduled: sleep until schedule() notifies; a clock jump cannot matter then.
         timeout = None if seconds is None else min(seconds, self.max_sleep_seconds)
+        # When it looks at the heap again: the due time, or sooner when the sleep is capped.
+        # schedule() wakes it only for a due time before that (a new volume's renewal, weeks
+        # away, then costs the publish no wake-up of this thread).
+        self._sleep_until = until if timeout is None else min(until, self._clock() + timeout)
         self._cond.wait(timeout)
         self._sleep_until = -math.inf  # awake: every schedule() until the next wait is seen anyway
         self._wakeups += 1
