@@ -50,7 +50,26 @@ def redact(text: str) -> str:
     return _PEM_KEY.sub(REDACTED, text)
 
 
+# Extra names already looked at, and whether they name a secret: a handful of fixed names,
+# checked on every record (the filter runs for each log line of each publish).
+_secret_names: dict[str, bool] = {}
+
+
+def _is_secret_name(name: str) -> bool:
+    known = _secret_names.get(name)
+    if known is None:
+        known = _SECRET_NAME.search(name) is not None
+        if len(_secret_names) < 1024:  # extras are literal names in the code; a bound anyway
+            _secret_names[name] = known
+    return known
+
+
+_PLAIN_TYPES = (int, float, bool, type(None))
+
+
 def _redact_value(value: Any) -> Any:
+    if type(value) in _PLAIN_TYPES:
+        return value  # the common case after str, without the isinstance checks below
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, bytes | bytearray):
@@ -81,13 +100,9 @@ class RedactingFilter(logging.Filter):
             message = str(record.msg)  # bad format args: keep the template, never the args
         # Freeze the formatted message so no later formatter re-applies the raw args.
         record.msg, record.args = redact(message), None
-        for name, value in list(vars(record).items()):
-            if name in _RECORD_FIELDS:
-                continue
-            if _SECRET_NAME.search(name):
-                setattr(record, name, REDACTED)
-            else:
-                setattr(record, name, _redact_value(value))
+        fields = vars(record)
+        for name in [k for k in fields if k not in _RECORD_FIELDS]:
+            fields[name] = REDACTED if _is_secret_name(name) else _redact_value(fields[name])
         if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
             record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         if record.exc_text:
@@ -108,6 +123,10 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
 
 
+# One encoder for every line (json.dumps with options builds a new one per call).
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, the extras, exc."""
 
@@ -126,7 +145,7 @@ class JSONFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = record.stack_info
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _JSON.encode(entry)
 
 
 class TextFormatter(logging.Formatter):
