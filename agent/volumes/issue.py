@@ -233,7 +233,9 @@ class Issuing(ManagerCore):
         if spec.issuer.is_local and self.local_trust_bundle is not None:
             # The bundle as of now, not as of signing: a CA retired while this renewal ran
             # (its volume's ca.crt already rewritten) must not come back with it.
-            issued = dataclasses.replace(issued, ca_pem=self.local_trust_bundle())
+            bundle_now = self.local_trust_bundle()
+            if bundle_now != issued.ca_pem:  # mostly the same bytes: no copy of the result
+                issued = dataclasses.replace(issued, ca_pem=bundle_now)
         include_issuer = spec.trust_bundle is not None and spec.trust_bundle.include_issuer
         ca_pem = issued.ca_pem
         if bundle is not None and spec.trust_bundle is not None:
