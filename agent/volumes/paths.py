@@ -279,6 +279,13 @@ class _OpenHow(ctypes.Structure):
     ]
 
 
+# The same arguments on every call (the kernel only reads ``how``): built once.
+_HOW = _OpenHow(_WALK_FLAGS & ~os.O_NOFOLLOW, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+_HOW_REF = ctypes.byref(_HOW)
+_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+_SYS_OPENAT2_ARG = ctypes.c_long(_SYS_OPENAT2)
+
+
 _LIBC: ctypes.CDLL | None = None
 
 
@@ -293,13 +300,12 @@ def _beneath(dir_fd: int, parts: tuple[str, ...]) -> int | None:
     if _LIBC is None:
         _LIBC = load_libc()
         _LIBC.syscall.restype = ctypes.c_long
-    how = _OpenHow(_WALK_FLAGS & ~os.O_NOFOLLOW, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
     fd = _LIBC.syscall(
-        ctypes.c_long(_SYS_OPENAT2),
+        _SYS_OPENAT2_ARG,
         ctypes.c_int(dir_fd),
         ctypes.c_char_p(os.fsencode("/".join(parts))),
-        ctypes.byref(how),
-        ctypes.c_size_t(ctypes.sizeof(how)),
+        _HOW_REF,
+        _HOW_SIZE,
     )
     if fd < 0:
         if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # no openat2, or a seccomp filter
