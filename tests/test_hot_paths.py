@@ -103,26 +103,9 @@ def test_a_standalone_start_imports_only_what_serving_needs(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from tests.conftest import REPO, free_port
+    from tests.conftest import REPO
 
-    config = tmp_path / "config.yaml"
-    config.write_text("tmpfs-size: 16\ngrpc-workers: 8\n")
-    args = [
-        "serve",
-        "--standalone",
-        "--endpoint",
-        f"unix://{tmp_path}/csi/csi.sock",
-        "--data-root",
-        str(tmp_path / "data"),
-        "--kubelet-root",
-        str(tmp_path / "kubelet"),
-        "--node-id",
-        "node-1",
-        "--metrics-address",
-        f"127.0.0.1:{free_port()}",
-        "--config",
-        str(config),
-    ]
+    args = _standalone_serve_args(tmp_path, "tmpfs-size: 16\ngrpc-workers: 8\n")
     result = subprocess.run(
         [sys.executable, "-c", _START_AND_LIST_MODULES, *args],
         capture_output=True,
@@ -169,27 +152,10 @@ def test_the_start_runs_no_garbage_collection_while_its_modules_load(tmp_path: P
     import subprocess
     import sys
 
-    from tests.conftest import REPO, free_port
+    from tests.conftest import REPO
 
     socket_path = tmp_path / "csi" / "csi.sock"
-    config = tmp_path / "config.yaml"
-    config.write_text("tmpfs-size: 16\n")
-    args = [
-        "serve",
-        "--standalone",
-        "--endpoint",
-        f"unix://{socket_path}",
-        "--data-root",
-        str(tmp_path / "data"),
-        "--kubelet-root",
-        str(tmp_path / "kubelet"),
-        "--node-id",
-        "node-1",
-        "--metrics-address",
-        f"127.0.0.1:{free_port()}",
-        "--config",
-        str(config),
-    ]
+    args = _standalone_serve_args(tmp_path, "tmpfs-size: 16\n")
     result = subprocess.run(
         [sys.executable, "-c", _SERVE_AND_REPORT_COLLECTIONS, str(socket_path), *args],
         capture_output=True,
@@ -203,3 +169,28 @@ def test_the_start_runs_no_garbage_collection_while_its_modules_load(tmp_path: P
     # Every collection from main's start until the socket was bound ran after the freeze, on
     # new objects only.
     assert [frozen for frozen in report["collections"] if frozen == 0] == []
+
+
+def _standalone_serve_args(tmp_path: Path, config_text: str) -> list[str]:
+    """`cert-agent serve --standalone` in ``tmp_path`` (socket csi/csi.sock), settings from a
+    --config file as deployed."""
+    from tests.conftest import free_port
+
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    return [
+        "serve",
+        "--standalone",
+        "--endpoint",
+        f"unix://{tmp_path}/csi/csi.sock",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--kubelet-root",
+        str(tmp_path / "kubelet"),
+        "--node-id",
+        "node-1",
+        "--metrics-address",
+        f"127.0.0.1:{free_port()}",
+        "--config",
+        str(config),
+    ]
