@@ -409,8 +409,8 @@ def test_openat2_and_the_walk_by_hand_agree(
     cases = [good, linked, deep_link, not_dir, missing]
 
     by_openat2 = [_walk_outcome(policy, str(t)) for t in cases]
-    assert paths._OPENAT2 is True  # this kernel has it: the fast way was taken
-    monkeypatch.setattr(paths, "_OPENAT2", False)
+    assert paths._BENEATH.available is True  # this kernel has it: the fast way was taken
+    monkeypatch.setattr(paths._BENEATH, "available", False)
     by_hand = [_walk_outcome(policy, str(t)) for t in cases]
     assert by_openat2 == by_hand
     assert [rule for rule, _ in by_hand] == [

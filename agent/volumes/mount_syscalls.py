@@ -1,4 +1,5 @@
-"""The mount system calls through ctypes: mount(2), umount2(2) and the new mount API.
+"""The system calls the os module lacks, through ctypes: mount(2), umount2(2), the new mount API,
+statx(2) mount ids and openat2(2).
 
 ``open_tree``/``mount_setattr``/``move_mount`` (Linux 5.12+) make a bind read-only before it is
 attached; ``_Libc`` says whether the kernel has them.
@@ -259,3 +260,56 @@ def fs_magic(fd: int) -> int:
 def describe_os_error(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
     return f"{exc.strerror} ({name})"
+
+
+# openat2(2) (Linux 5.6+; the number is the same on every architecture, after the 424
+# unification), with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS: no symlink and nothing outside the
+# starting directory, which is what the target walk (volumes/paths.py) does one component at a
+# time.
+SYS_OPENAT2 = 437
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+class OpenBeneath:
+    """openat2(``flags``, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), built once for many calls."""
+
+    def __init__(self, flags: int) -> None:
+        # The same arguments on every call (the kernel only reads ``how``): built once; the C
+        # library is loaded at the first call, not at import.
+        self._how = _OpenHow(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+        self._how_ref = ctypes.byref(self._how)
+        self._how_size = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+        self._number = ctypes.c_long(SYS_OPENAT2)
+        self._libc: ctypes.CDLL | None = None
+        self.available: bool | None = None  # unknown until the first call; False after ENOSYS
+
+    def open(self, path: str, dir_fd: int) -> int | None:
+        """A descriptor of ``path`` below ``dir_fd``, or None when the call refused it (the
+        caller finds out why by other means) or the kernel lacks openat2."""
+        if self.available is False:
+            return None
+        if self._libc is None:
+            self._libc = load_libc()
+            self._libc.syscall.restype = ctypes.c_long
+        fd = self._libc.syscall(
+            self._number,
+            ctypes.c_int(dir_fd),
+            ctypes.c_char_p(os.fsencode(path)),
+            self._how_ref,
+            self._how_size,
+        )
+        if fd < 0:
+            if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # no openat2, or a seccomp filter
+                self.available = False
+            return None
+        self.available = True
+        return int(fd)

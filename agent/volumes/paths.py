@@ -29,16 +29,14 @@ Every violation is ``INVALID_ARGUMENT`` naming the rule, such as ``[rule no-dotd
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
 
 from agent.errors import Internal, InvalidArgument, shorten
-from agent.volumes.mount_syscalls import load_libc
+from agent.volumes.mount_syscalls import OpenBeneath
 
 # <linux/limits.h>: PATH_MAX counts the terminating NUL; NAME_MAX is per component, in bytes.
 PATH_MAX = 4096
@@ -259,60 +257,13 @@ class _OpenTarget:
             os.close(self._handle.parent_fd)
 
 
-# openat2(2) (Linux 5.6+; the number is the same on every architecture, after the 424
-# unification), with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS: no symlink and nothing outside the
-# starting directory, which is what the walk does one component at a time.
-_SYS_OPENAT2 = 437
-
-
-_RESOLVE_NO_SYMLINKS = 0x04
-
-
-_RESOLVE_BENEATH = 0x08
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_: ClassVar = [
-        ("flags", ctypes.c_uint64),
-        ("mode", ctypes.c_uint64),
-        ("resolve", ctypes.c_uint64),
-    ]
-
-
-# The same arguments on every call (the kernel only reads ``how``): built once.
-_HOW = _OpenHow(_WALK_FLAGS & ~os.O_NOFOLLOW, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
-_HOW_REF = ctypes.byref(_HOW)
-_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
-_SYS_OPENAT2_ARG = ctypes.c_long(_SYS_OPENAT2)
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-_OPENAT2: bool | None = None  # unknown until the first call; False after ENOSYS
+# The same flags as the walk, minus O_NOFOLLOW: the resolve rules refuse every symlink instead.
+_BENEATH = OpenBeneath(_WALK_FLAGS & ~os.O_NOFOLLOW)
 
 
 def _beneath(dir_fd: int, parts: tuple[str, ...]) -> int | None:
     """An O_PATH directory descriptor of ``parts`` below ``dir_fd``, or None (the caller walks)."""
-    global _LIBC, _OPENAT2
-    if _OPENAT2 is False or not parts:
-        return None
-    if _LIBC is None:
-        _LIBC = load_libc()
-        _LIBC.syscall.restype = ctypes.c_long
-    fd = _LIBC.syscall(
-        _SYS_OPENAT2_ARG,
-        ctypes.c_int(dir_fd),
-        ctypes.c_char_p(os.fsencode("/".join(parts))),
-        _HOW_REF,
-        _HOW_SIZE,
-    )
-    if fd < 0:
-        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # no openat2, or a seccomp filter
-            _OPENAT2 = False
-        return None
-    _OPENAT2 = True
-    return int(fd)
+    return _BENEATH.open("/".join(parts), dir_fd) if parts else None
 
 
 def _open_child(parent_fd: int, name: str, raw: str) -> int:
