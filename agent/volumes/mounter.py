@@ -277,9 +277,7 @@ class LinuxMounter:
             return
         for _ in range(_MAX_STACKED):
             with target.open() as fd:
-                if fd is None or not self._is_mount_root(target, fd):
-                    return
-                if not _same_inode(os.fstat(fd), src_stat):
+                if not self._is_bind_at(target, fd, src_stat):
                     return
             try:
                 self._libc.umount2(target.proc_path, UMOUNT_NOFOLLOW)
@@ -294,9 +292,7 @@ class LinuxMounter:
             # Busy (a process in the pod still has a file open): detach this very mount now,
             # the kernel finishes when the last user goes away.
             with target.open() as fd:
-                if fd is None or not self._is_mount_root(target, fd):
-                    return
-                if not _same_inode(os.fstat(fd), src_stat):
+                if not self._is_bind_at(target, fd, src_stat):
                     return
                 try:
                     self._libc.umount2(f"/proc/self/fd/{fd}", MNT_DETACH)
@@ -316,16 +312,21 @@ class LinuxMounter:
             return fd is not None and self._is_mount_root(target, fd)
 
     def is_bind_of(self, target: TargetDir, source: Path) -> bool:
-        # Directories cannot be hard-linked, so a mount at the target whose root is the source's
-        # (device, inode) is a bind of the source.
         try:
             src_stat = os.stat(source)
         except OSError:
             return False
         with target.open() as fd:
-            if fd is None or not self._is_mount_root(target, fd):
-                return False
-            return _same_inode(os.fstat(fd), src_stat)
+            return self._is_bind_at(target, fd, src_stat)
+
+    def _is_bind_at(self, target: TargetDir, fd: int | None, src_stat: os.stat_result) -> bool:
+        """Whether the mount on top of the target (opened as ``fd``) has the source's root:
+        directories cannot be hard-linked, so then it is a bind of the source."""
+        return (
+            fd is not None
+            and self._is_mount_root(target, fd)
+            and _same_inode(os.fstat(fd), src_stat)
+        )
 
 
 class NoMounter:
