@@ -27,8 +27,8 @@ from agent.errors import (
 )
 from agent.issuers.base import IssuedCertificate, IssueRequest
 from agent.pki.ca import CAProvider, CertificateAuthority, utcnow
-from agent.pki.csr import key_usage_is_empty, requested_names, usages_to_extensions
-from agent.pki.keys import signing_hash
+from agent.pki.csr import requested_names, usages_to_extensions
+from agent.pki.leaf import authority_key_id, sign_leaf
 from agent.spec.model import DEFAULT_DURATION_SECONDS
 
 DEFAULT_MAX_DURATION_SECONDS = 2160 * 3600
@@ -111,32 +111,19 @@ class LocalCAIssuer:
         if self._leaf_guard is not None:
             self._leaf_guard(subject, sans)
         key_usage, extended = usages_to_extensions(spec.key_usages, is_ca=spec.is_ca)
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca.certificate.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(not_after)
-            .add_extension(
-                x509.BasicConstraints(ca=spec.is_ca, path_length=0 if spec.is_ca else None),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(self._authority_key_id(ca), critical=False)
-        )
-        if not key_usage_is_empty(key_usage):
-            builder = builder.add_extension(key_usage, critical=True)
-        if extended is not None:
-            builder = builder.add_extension(extended, critical=False)
-        if sans:
-            # RFC 5280 4.2.1.6: with an empty subject the SAN extension must be critical.
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(sans), critical=len(subject) == 0
-            )
         try:
-            leaf = builder.sign(ca.private_key, signing_hash(ca.private_key))
+            leaf = sign_leaf(
+                ca,
+                public_key,
+                subject,
+                sans,
+                now,
+                not_after,
+                key_usage=key_usage,
+                extended_key_usage=extended,
+                is_ca=spec.is_ca,
+                aki=self._authority_key_id(ca),
+            )
         except (ValueError, TypeError) as exc:
             raise IssuanceFailed(f"the local CA could not sign: {exc}", reason="sign") from exc
 
@@ -151,7 +138,7 @@ class LocalCAIssuer:
         cached = self._aki
         if cached is not None and cached[0] is ca:
             return cached[1]
-        aki = _authority_key_id(ca)
+        aki = authority_key_id(ca)
         self._aki = (ca, aki)  # one tuple, replaced whole: safe without a lock
         return aki
 
@@ -225,14 +212,6 @@ def _csr_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName]:
         return list(csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
     except x509.ExtensionNotFound:
         return []
-
-
-def _authority_key_id(ca: CertificateAuthority) -> x509.AuthorityKeyIdentifier:
-    try:
-        ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.private_key.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def ca_child_problem(ca: CertificateAuthority) -> str | None:
